@@ -1,0 +1,42 @@
+# One setup command and one test command (README.md). Everything lives in .venv.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+export LORAFLOW_DATA ?= $(abspath ../shared/data/imdb)
+export AIRFLOW_HOME ?= $(CURDIR)/airflow_home
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export HF_HUB_OFFLINE ?= 0
+PRESET ?= cpu
+PORT ?= 8280
+
+.PHONY: setup test test-fast run ui bench lint clean
+
+setup:  ## create .venv: CPU torch where no CUDA GPU is present, then the project and dev tools
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0 -c constraints.txt; fi
+	$(PIP) install -q -e '.[dev]' -c constraints.txt
+	bash scripts/install_chromium.sh
+	bash scripts/airflow_init.sh
+
+test:  ## the whole suite, slow tests included (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast:  ## skip the slow, browser and scheduler tests
+	$(PY) -m pytest -q -m "not slow and not browser and not scheduler"
+
+run:  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
+	bash scripts/run_dag.sh $(PRESET)
+
+ui:  ## Airflow web UI (standalone) on http://127.0.0.1:$(PORT)
+	bash scripts/airflow_ui.sh $(PORT)
+
+bench:
+	.venv/bin/loraflow bench
+
+lint:
+	.venv/bin/ruff check lora_core tasks dags tests bench
+
+clean:
+	rm -rf artifacts airflow_home reports/*/ reports/index.html

@@ -1,0 +1,149 @@
+"""Where a run's artifacts live, and atomic writes so a killed task never leaves a file
+that looks complete (shared/docs/design.md, "Artifacts of a run")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+_RUN_ID_OK = re.compile(r"^[A-Za-z0-9._+:-]+$")
+
+
+def artifacts_root() -> Path:
+    return Path(os.environ.get("LORAFLOW_ARTIFACTS", PROJECT_DIR / "artifacts")).resolve()
+
+
+def reports_root() -> Path:
+    return Path(os.environ.get("LORAFLOW_REPORTS", PROJECT_DIR / "reports")).resolve()
+
+
+def safe_run_id(run_id: str) -> str:
+    """Airflow run ids contain ':' and '+' (manual__2026-11-29T05:00:00+00:00); keep them
+    readable but refuse path separators so a run id can never escape the runs folder."""
+    if not run_id or not _RUN_ID_OK.match(run_id) or run_id in {".", ".."}:
+        raise ValueError(f"run id {run_id!r} may hold only letters, digits and . _ + : -")
+    return run_id
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path a run reads or writes. Built from a run id; nothing is created here."""
+
+    run_id: str
+    artifacts: Path
+    reports: Path
+
+    @classmethod
+    def for_run(cls, run_id: str, artifacts: Path | str | None = None,
+                reports: Path | str | None = None) -> RunPaths:
+        return cls(safe_run_id(run_id), Path(artifacts or artifacts_root()).resolve(),
+                   Path(reports or reports_root()).resolve())
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path | str, reports: Path | str | None = None) -> RunPaths:
+        run_dir = Path(run_dir).resolve()
+        if run_dir.parent.name != "runs":
+            raise ValueError(f"{run_dir} is not a run folder (expected <artifacts>/runs/<run_id>)")
+        return cls.for_run(run_dir.name, run_dir.parent.parent, reports)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.artifacts / "runs" / self.run_id
+
+    @property
+    def config_json(self) -> Path:  # the run's effective ExperimentConfig
+        return self.run_dir / "config.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def train_parquet(self) -> Path:
+        return self.data_dir / "train.parquet"
+
+    @property
+    def test_parquet(self) -> Path:
+        return self.data_dir / "test.parquet"
+
+    @property
+    def validation_json(self) -> Path:
+        return self.data_dir / "validation.json"
+
+    @property
+    def tokens_json(self) -> Path:  # pointer to the tokenization cache + length statistics
+        return self.data_dir / "tokens.json"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.run_dir / "results"
+
+    def variant_dir(self, variant: str) -> Path:
+        return self.results_dir / variant
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.artifacts / "cache"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.reports / self.run_id
+
+
+# --- atomic writes ------------------------------------------------------------------------
+
+@contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(target: Path | str, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: Path | str, data: Any) -> Path:
+    return write_text(target, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target`
+    (an existing one is moved aside first, then removed), on failure it is deleted."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
