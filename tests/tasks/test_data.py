@@ -1,0 +1,299 @@
+"""tasks.data: the three kinds of source, the cache, safe extraction and the subsets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import tarfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks import data
+from tasks.paths import RunPaths
+
+PER_CLASS = 12  # reviews per split and label in the test tarball
+
+
+def _write_aclimdb(parent: Path, sample: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Real reviews as `parent/aclImdb/<split>/<neg|pos>/<id>_<rating>.txt`; returns the
+    frames that reading it must give (ordered by label, review_id)."""
+    expected = {}
+    for split, frame in sample.items():
+        chosen = pd.concat([frame[frame.label == lab].head(PER_CLASS) for lab in (0, 1)])
+        for row in chosen.itertuples():
+            folder = parent / "aclImdb" / split / ("pos" if row.label else "neg")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{row.review_id}_{row.rating}.txt").write_bytes(row.text.encode("utf-8"))
+        expected[split] = chosen.sort_values(["label", "review_id"], ignore_index=True)
+    return expected
+
+
+def _tarball(folder: Path, target: Path, extra: list[tarfile.TarInfo] = ()) -> str:
+    """Pack `folder/aclImdb` (plus `extra` members) as `target`; returns its SHA-256."""
+    with tarfile.open(target, "w:gz") as tar:
+        tar.add(folder / "aclImdb", arcname="aclImdb")
+        for info in extra:
+            payload = b"evil" if info.isfile() else b""
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (base URL, request log)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requests: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root, requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _frames(paths: RunPaths) -> dict[str, pd.DataFrame]:
+    return {s: pd.read_parquet(getattr(paths, f"{s}_parquet")) for s in ("train", "test")}
+
+
+def _same_reviews(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    cols = ["text", "label", "review_id", "rating"]
+    got = got[cols].sort_values(["label", "review_id"], ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected[cols].reset_index(drop=True), check_dtype=False)
+
+
+# --- local sources ---------------------------------------------------------------------------
+
+def test_local_parquet_writes_requested_subsets_with_source_index(smoke_run, imdb_dir):
+    config, paths = smoke_run
+    written = data.download_dataset(config, paths)
+    assert written == {"train": str(paths.train_parquet), "test": str(paths.test_parquet)}
+    frames = _frames(paths)
+    for split, size in (("train", config.train_size), ("test", config.test_size)):
+        frame, full = frames[split], pd.read_parquet(imdb_dir / f"{split}.parquet")
+        assert list(frame.columns) == ["text", "label", "review_id", "rating", "source_index"]
+        assert len(frame) == size and frame["label"].dtype == "int64"
+        assert frame["text"].tolist() == full["text"].iloc[frame["source_index"]].tolist()
+        assert frame["label"].nunique() == 2  # a shuffle, not the label-ordered head
+
+
+def test_subset_equals_datasets_shuffle_select(imdb_dir):
+    import datasets
+
+    full = pd.read_parquet(imdb_dir / "train.parquet")
+    ours = data.select_subset(full, 300, seed=42)
+    theirs = datasets.Dataset.from_pandas(full).shuffle(seed=42).select(range(300)).to_pandas()
+    assert ours["text"].tolist() == theirs["text"].tolist()
+    assert ours["label"].tolist() == theirs["label"].tolist()
+    pd.testing.assert_frame_equal(ours, data.select_subset(full, 300, seed=42))
+    assert not ours["text"].equals(data.select_subset(full, 300, seed=1)["text"])
+
+
+def test_local_parquet_cached_once_and_reread_when_files_change(smoke_run, imdb_sample, tmp_path):
+    config, paths = smoke_run
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for split, frame in imdb_sample.items():
+        frame.head(40).to_parquet(folder / f"{split}.parquet")
+    config = config.with_overrides(data=str(folder), train_size=40, test_size=40)
+    data.download_dataset(config, paths)
+    assert len(list((paths.cache_dir / "datasets").glob("*/train.parquet"))) == 1
+    changed = imdb_sample["train"].tail(40).assign(label=1)
+    changed.to_parquet(folder / "train.parquet")  # new size/mtime -> new cache key
+    data.download_dataset(config, paths)
+    assert (_frames(paths)["train"]["label"] == 1).all()
+
+
+def test_source_with_fewer_rows_gives_what_exists(smoke_run, imdb_sample, tmp_path):
+    config, paths = smoke_run
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for split, frame in imdb_sample.items():
+        frame.head(20).to_parquet(folder / f"{split}.parquet")
+    data.download_dataset(config.with_overrides(data=str(folder), train_size=64), paths)
+    assert len(_frames(paths)["train"]) == 20
+
+
+@pytest.mark.parametrize("as_root", [False, True], ids=["parent-of-aclImdb", "aclImdb-itself"])
+def test_local_aclimdb_folder_read_like_the_parquet_copy(smoke_run, imdb_sample, tmp_path, as_root):
+    config, paths = smoke_run
+    expected = _write_aclimdb(tmp_path / "src", imdb_sample)
+    source = tmp_path / "src" / ("aclImdb" if as_root else "")
+    n = 2 * PER_CLASS
+    data.download_dataset(config.with_overrides(data=str(source), train_size=n, test_size=n), paths)
+    frames = _frames(paths)
+    for split in ("train", "test"):
+        _same_reviews(frames[split], expected[split])
+
+
+def test_hub_source_loads_stanfordnlp_imdb_through_datasets(smoke_run, imdb_sample, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, *args, **kwargs):  # the hub is unreachable here
+        calls.append(name)
+        return datasets.DatasetDict({s: datasets.Dataset.from_pandas(f[["text", "label"]])
+                                     for s, f in imdb_sample.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    config, paths = smoke_run
+    data.download_dataset(config.with_overrides(data="hub"), paths)
+    train = _frames(paths)["train"]
+    assert calls == ["stanfordnlp/imdb"]
+    assert list(train.columns) == ["text", "label", "source_index"]
+    assert train["text"].isin(set(imdb_sample["train"]["text"])).all()
+
+
+@pytest.mark.parametrize("make_source, message", [
+    (lambda p: "ftp://example.org/aclImdb_v1.tar.gz", "unknown data source"),
+    (lambda p: str(p / "nowhere"), "does not exist"),
+    (lambda p: str(p), "holds neither train.parquet"),
+    (lambda p: str(p / "only-train"), r"lacks \['test.parquet'\]"),
+    (lambda p: str(p / "no-label"), r"lacks columns \['label'\]"),
+    (lambda p: str(p / "a-file.txt"), "is a file"),
+    (lambda p: "https://example.org/aclImdb_v1.tar.gz", "no checksum known"),
+    (lambda p: "https://example.org/a.tar.gz#sha256=abc", "expected #sha256=<64 hex digits>"),
+], ids=["scheme", "missing", "empty", "one-parquet", "no-label", "file", "no-checksum",
+        "bad-fragment"])
+def test_bad_sources_raise_clear_value_errors(smoke_run, imdb_sample, tmp_path, make_source,
+                                              message):
+    config, paths = smoke_run
+    src = tmp_path / "src"
+    (src / "only-train").mkdir(parents=True)
+    imdb_sample["train"].head(5).to_parquet(src / "only-train" / "train.parquet")
+    (src / "no-label").mkdir()
+    for split in ("train", "test"):
+        frame = imdb_sample[split].head(5).drop(columns="label")
+        frame.to_parquet(src / "no-label" / f"{split}.parquet")
+    (src / "a-file.txt").write_text("x")
+    with pytest.raises(ValueError, match=message):
+        data.download_dataset(config.with_overrides(data=make_source(src)), paths)
+    assert not paths.train_parquet.exists()
+
+
+# --- the URL source --------------------------------------------------------------------------
+
+def test_canonical_stanford_url_has_the_published_checksum():
+    for url in ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+                "http://ai.stanford.edu/%7Eamaas/data/sentiment/aclImdb_v1.tar.gz"):
+        assert data.expected_sha256(url) == data.CANONICAL_SHA256
+    assert data.expected_sha256("https://mirror/a.tar.gz#sha256=" + "AB" * 32) == "ab" * 32
+
+
+def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_path, server):
+    base, www, requests = server
+    expected = _write_aclimdb(tmp_path / "src", imdb_sample)
+    digest = _tarball(tmp_path / "src", www / "aclImdb_v1.tar.gz")
+    config, paths = smoke_run
+    n = 2 * PER_CLASS
+    config = config.with_overrides(data=f"{base}/aclImdb_v1.tar.gz#sha256={digest}",
+                                   train_size=n, test_size=n)
+    data.download_dataset(config, paths)
+    for split, frame in _frames(paths).items():
+        _same_reviews(frame, expected[split])
+    first = _frames(paths)
+
+    other = RunPaths.for_run("second-run", paths.artifacts, paths.reports)
+    data.download_dataset(config, other)
+    assert requests == ["/aclImdb_v1.tar.gz"]  # the second run read the cache
+    for split, frame in _frames(other).items():
+        pd.testing.assert_frame_equal(frame, first[split])
+    leftovers = [p.name for p in (paths.cache_dir / "datasets").iterdir()]
+    assert not [name for name in leftovers if name.startswith(".download")]
+
+
+def test_url_checksum_mismatch_raises_and_keeps_nothing(smoke_run, imdb_sample, tmp_path, server):
+    base, www, _ = server
+    _write_aclimdb(tmp_path / "src", imdb_sample)
+    digest = _tarball(tmp_path / "src", www / "aclImdb_v1.tar.gz")
+    wrong = digest[::-1]
+    config, paths = smoke_run
+    source = f"{base}/aclImdb_v1.tar.gz#sha256={wrong}"
+    with pytest.raises(ValueError, match=f"checksum mismatch.*sha256 {digest}, expected {wrong}"):
+        data.download_dataset(config.with_overrides(data=source), paths)
+    files = [p for p in (paths.cache_dir / "datasets").rglob("*") if not p.name.endswith(".lock")]
+    assert files == [] and not paths.train_parquet.exists()
+
+
+def test_url_http_error_raises_value_error(smoke_run, server):
+    base, _, _ = server
+    config, paths = smoke_run
+    with pytest.raises(ValueError, match="HTTP 404"):
+        data.download_dataset(
+            config.with_overrides(data=f"{base}/missing.tar.gz#sha256={'0' * 64}"), paths)
+
+
+def test_unreachable_url_raises_connection_error(smoke_run):
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config, paths = smoke_run
+    source = f"http://127.0.0.1:{port}/a.tar.gz#sha256={'0' * 64}"
+    with pytest.raises(ConnectionError, match=f"could not reach http://127.0.0.1:{port}/"):
+        data.download_dataset(config.with_overrides(data=source), paths)
+
+
+def test_url_tarball_with_parent_member_is_refused(smoke_run, imdb_sample, tmp_path, server):
+    base, www, _ = server
+    _write_aclimdb(tmp_path / "src", imdb_sample)
+    evil = tarfile.TarInfo("aclImdb/../../evil.txt")
+    digest = _tarball(tmp_path / "src", www / "aclImdb_v1.tar.gz", [evil])
+    config, paths = smoke_run
+    with pytest.raises(ValueError, match=r"member 'aclImdb/\.\./\.\./evil.txt' contains '\.\.'"):
+        data.download_dataset(
+            config.with_overrides(data=f"{base}/aclImdb_v1.tar.gz#sha256={digest}"), paths)
+    assert not list(paths.artifacts.rglob("evil.txt"))
+    assert not list(paths.artifacts.rglob("*_*.txt"))  # nothing extracted anywhere
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize("member, message", [
+    (lambda out: tarfile.TarInfo("../evil.txt"), "contains '..'"),
+    (lambda out: tarfile.TarInfo(str(out.parent / "evil.txt")), "absolute path"),
+    (lambda out: _link("aclImdb/train/pos/1_9.txt", "../../../../evil.txt", tarfile.SYMTYPE),
+     "is a link to '../../../../evil.txt'"),
+    (lambda out: _link("aclImdb/train/pos/2_9.txt", "/etc/passwd", tarfile.LNKTYPE), "is a link"),
+    (lambda out: _link("aclImdb/train/pos/dev", "", tarfile.CHRTYPE), "special file"),
+], ids=["dotdot", "absolute", "symlink-out", "hardlink-out", "device"])
+def test_safe_extract_refuses_escaping_members_before_writing(imdb_sample, tmp_path, member,
+                                                              message):
+    _write_aclimdb(tmp_path / "src", imdb_sample)
+    out = tmp_path / "out"
+    archive = tmp_path / "evil.tar.gz"
+    _tarball(tmp_path / "src", archive, [member(out)])
+    with pytest.raises(ValueError, match=f"refusing to extract evil.tar.gz: member .*{message}"):
+        data.safe_extract(archive, out)
+    assert list(out.rglob("*")) == [] and not (tmp_path / "evil.txt").exists()
+
+
+def test_safe_extract_takes_only_review_files(imdb_sample, tmp_path):
+    _write_aclimdb(tmp_path / "src", imdb_sample)
+    (tmp_path / "src" / "aclImdb" / "imdb.vocab").write_text("the\n")
+    archive = tmp_path / "a.tar.gz"
+    _tarball(tmp_path / "src", archive)
+    data.safe_extract(archive, tmp_path / "out")
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) == 4 * PER_CLASS  # 2 splits x 2 labels; imdb.vocab left out
+    assert all(p.suffix == ".txt" and p.parent.name in ("pos", "neg") for p in files)

@@ -1,0 +1,152 @@
+"""tasks.validate: GX passes the real IMDB and stops broken data with a readable report."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+
+from tasks import data
+from tasks.config import preset_config
+from tasks.paths import read_json
+from tasks.validate import DataValidationError, validate_dataset
+
+
+def _write(paths, train: pd.DataFrame, test: pd.DataFrame) -> None:
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    train.to_parquet(paths.train_parquet, index=False)
+    test.to_parquet(paths.test_parquet, index=False)
+
+
+def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # GX must leave no gx/ folder where the task runs
+    config, paths = smoke_run
+    data.download_dataset(config, paths)
+    assert validate_dataset(config, paths) == paths.validation_json
+    summary = read_json(paths.validation_json)
+    assert summary["success"] is True
+    assert summary["rows"] == {"train": config.train_size, "test": config.test_size}
+    counts = pd.read_parquet(paths.train_parquet)["label"].value_counts()
+    assert summary["class_balance"]["train"] == {"0": int(counts[0]), "1": int(counts[1])}
+    assert summary["gx_version"].startswith("1.")
+    kinds = {e["expectation"] for e in summary["expectations"]}
+    assert {"expect_column_values_to_not_be_null", "expect_column_values_to_be_in_set",
+            "expect_table_row_count_to_equal", "expect_column_mean_to_be_between",
+            "expect_column_proportion_of_unique_values_to_be_between"} <= kinds
+    assert len(summary["expectations"]) == 24 and all(e["success"] for e in summary["expectations"])
+    assert {"split", "expectation", "column", "kwargs", "success", "observed_value",
+            "unexpected_count", "unexpected_percent"} <= set(summary["expectations"][0])
+    assert not (tmp_path / "gx").exists()
+
+
+@pytest.mark.parametrize("preset", ["seed", "paper"])
+def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, preset):
+    """The seed notebook's 5,000 / 1,000 and the full 25,000 / 25,000 splits (which hold
+    96 + 199 duplicated texts and 123 texts in both splits)."""
+    from tasks.pipeline import prepare_run
+
+    config = preset_config(preset, data=str(imdb_dir))
+    paths = prepare_run(config, f"validate-{preset}", artifacts, artifacts.parent / "reports")
+    data.download_dataset(config, paths)
+    started = time.perf_counter()
+    validate_dataset(config, paths)
+    seconds = time.perf_counter() - started
+    summary = read_json(paths.validation_json)
+    assert summary["success"] is True
+    assert seconds < 15, f"validation took {seconds:.1f} s"  # measured ~0.3 s / ~1.6 s here
+    if preset == "paper":
+        assert summary["statistics"]["train"]["duplicate_texts"] == 96
+        assert summary["statistics"]["test"]["texts_in_other_split"] == 123
+
+
+def _nulls(train, test):
+    train.loc[:4, "text"] = None
+
+
+def _null_label(train, test):
+    train["label"] = train["label"].astype("float64")
+    train.loc[:1, "label"] = None
+
+
+def _label_two(train, test):
+    train.loc[0, "label"] = 2
+
+
+def _empty_text(train, test):
+    train.loc[:2, "text"] = ""
+
+
+def _mostly_positive(train, test):
+    train["label"] = [1] * 360 + [0] * 40
+
+
+def _half_duplicates(train, test):
+    train.loc[200:, "text"] = train["text"].iloc[:200].to_numpy()
+
+
+def _overlap(train, test):
+    test["text"] = train["text"].iloc[:200].to_numpy()
+
+
+def _no_text(train, test):
+    train.drop(columns="text", inplace=True)
+
+
+# (break the data, expected size change, failing split, expectation, column, in the message)
+BROKEN = [
+    (_nulls, {}, "train", "expect_column_values_to_not_be_null", "text",
+     "observed 5 unexpected rows"),
+    (_null_label, {}, "train", "expect_column_values_to_be_of_type", "label", "observed 'float64'"),
+    (_label_two, {}, "train", "expect_column_values_to_be_in_set", "label", "e.g. 2 (x1)"),
+    (_empty_text, {}, "train", "expect_column_value_lengths_to_be_between", "text",
+     "observed 3 unexpected rows (0.75%), e.g. '' (x3)"),
+    (None, {"train_size": 500}, "train", "expect_table_row_count_to_equal", None, "observed 400"),
+    (_mostly_positive, {}, "train", "expect_column_mean_to_be_between", "label", "observed 0.9"),
+    (_half_duplicates, {}, "train", "expect_column_proportion_of_unique_values_to_be_between",
+     "text", "observed 0.5"),
+    (_overlap, {}, "test", "expect_column_mean_to_be_between", "in_other_split", "observed 1.0"),
+    (_no_text, {}, "train", "expect_column_to_exist", "text", "missing; columns are"),
+]
+
+
+@pytest.mark.parametrize("breaker, sizes, split, expectation, column, observed", BROKEN,
+                         ids=["nulls", "null-label", "label-2", "empty-text", "too-few-rows",
+                              "90%-positive", "50%-duplicates", "train-test-overlap", "no-text"])
+def test_broken_data_fails_with_expectation_and_observed_value(
+        smoke_run, imdb_sample, breaker, sizes, split, expectation, column, observed):
+    config, paths = smoke_run
+    train, test = imdb_sample["train"].copy(), imdb_sample["test"].copy()
+    if breaker:
+        breaker(train, test)
+    _write(paths, train, test)
+    config = config.with_overrides(**{"train_size": len(imdb_sample["train"]),
+                                      "test_size": len(imdb_sample["test"]), **sizes})
+    with pytest.raises(DataValidationError) as caught:
+        validate_dataset(config, paths)
+    line = next((ln for ln in str(caught.value).splitlines()
+                 if ln.strip().startswith(f"- {split}: {expectation}({column or ''}")), None)
+    assert line is not None, str(caught.value)
+    assert observed in line
+    summary = read_json(paths.validation_json)
+    assert summary["success"] is False
+    failed = [(e["split"], e["expectation"], e["column"]) for e in summary["expectations"]
+              if not e["success"]]
+    assert (split, expectation, column) in failed
+    assert failed == [(f["split"], f["expectation"], f["column"]) for f in caught.value.failures]
+
+
+def test_missing_text_column_is_reported_not_crashed(smoke_run, imdb_sample):
+    config, paths = smoke_run
+    _write(paths, imdb_sample["train"].drop(columns="text"), imdb_sample["test"])
+    config = config.with_overrides(train_size=400, test_size=200)
+    with pytest.raises(DataValidationError, match='error: .*column "text".* does not exist'):
+        validate_dataset(config, paths)
+    assert read_json(paths.validation_json)["statistics"]["train"]["columns"] == [
+        "label", "review_id", "rating"]
+
+
+def test_missing_subset_files_ask_for_the_download_step(smoke_run):
+    config, paths = smoke_run
+    with pytest.raises(ValueError, match="run download_dataset before validate_dataset"):
+        validate_dataset(config, paths)
