@@ -1,0 +1,230 @@
+"""Tokenize a run's data once, into a cache shared by every run and variant.
+
+`tokenize_dataset` stores unpadded token ids (training pads per batch) under
+`<artifacts>/cache/tokenized/<key>/` and points the run's `data/tokens.json` at them.
+The key hashes everything the tokens depend on: the texts and labels, the tokenizer
+(class, name, vocabulary hash), `max_length` and the truncation settings, so a second run
+with the same key never calls the tokenizer (the seed notebook tokenized inside every
+training and evaluation step, fault 5 of shared/seed/README.md).
+
+Cache folder: `train.parquet`, `test.parquet` (`input_ids` list<int32>, `length`, `label`,
+rows in the order of `data/<split>.parquet`) and `meta.json`, written last: a folder is a
+cache hit only if its `meta.json` is complete and matches the parquet files. Concurrent
+builders of one key serialise on `<key>.lock`; the builder writes into a temporary folder
+renamed into place (`tasks.paths.atomic_dir`), and a waiter finds the finished cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from tasks.config import ExperimentConfig
+from tasks.metrics import now_iso
+from tasks.paths import RunPaths, atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+CACHE_FORMAT = 1  # bump when the stored layout changes: old caches then miss
+TRUNCATION = "longest_first"  # the tokenizer's strategy for a single sequence
+BATCH_SIZE = 2048  # texts per tokenizer call: Rust parallelism inside, bounded memory
+HISTOGRAM_BINS = 30
+LOCK_TIMEOUT_S = 3600.0  # a builder holding the lock longer than this is presumed stuck
+
+
+def tokenized_root(paths: RunPaths) -> Path:
+    return paths.cache_dir / "tokenized"
+
+
+# --- the cache key ----------------------------------------------------------------------------
+
+def data_fingerprint(frame: pd.DataFrame) -> str:
+    """sha256 over (label, text) of every row, in order: content, not file bytes, so the
+    same data re-written by another pandas/pyarrow version still hits."""
+    h = hashlib.sha256()
+    for label, text in zip(frame["label"].to_numpy(), frame["text"].tolist()):
+        encoded = str(text).encode("utf-8")
+        h.update(f"{int(label)}\t{len(encoded)}\t".encode())  # length prefix: no ambiguity
+        h.update(encoded)
+    return h.hexdigest()
+
+
+def truncation_settings(tokenizer: Any) -> dict[str, Any]:
+    return {"strategy": TRUNCATION, "side": str(getattr(tokenizer, "truncation_side", "right")),
+            "add_special_tokens": True}
+
+
+def cache_key(fingerprints: dict[str, str], identity: dict[str, str], max_length: int,
+              truncation: dict[str, Any]) -> str:
+    material = {"format": CACHE_FORMAT, "data": fingerprints, "tokenizer": identity,
+                "max_length": max_length, "truncation": truncation}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+# --- tokenizing -------------------------------------------------------------------------------
+
+def encode_texts(tokenizer: Any, texts: list[str], max_length: int,
+                 desc: str = "tokenize") -> tuple[list[list[int]], np.ndarray]:
+    """(truncated input ids with special tokens, pre-truncation lengths).
+
+    One tokenizer call per batch: `return_overflowing_tokens` returns the truncated ids
+    (first chunk of each text, exactly what `truncation=True` gives) plus the cut-off
+    rest, from which the full length follows without tokenizing twice."""
+    n_special = tokenizer.num_special_tokens_to_add(pair=False)
+    ids: list[list[int]] = []
+    full = np.zeros(len(texts), dtype=np.int64)
+    for start in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, unit="batch", leave=False):
+        enc = tokenizer(texts[start:start + BATCH_SIZE], truncation=TRUNCATION,
+                        max_length=max_length, return_overflowing_tokens=True,
+                        return_attention_mask=False, return_token_type_ids=False)
+        owner = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
+        chunk_lengths = np.fromiter((len(c) for c in enc["input_ids"]), dtype=np.int64,
+                                    count=len(owner))
+        # every chunk carries the special tokens again; count them once per text
+        np.add.at(full, owner + start, chunk_lengths - n_special)
+        first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        ids.extend(enc["input_ids"][i] for i in first)
+    full += n_special
+    if len(ids) != len(texts):
+        raise RuntimeError(f"tokenizer returned {len(ids)} sequences for {len(texts)} texts")
+    return ids, full
+
+
+def length_stats(full_lengths: np.ndarray, max_length: int) -> dict[str, Any]:
+    """Distribution of token counts BEFORE truncation, so the truncated share is real."""
+    lengths = np.asarray(full_lengths, dtype=np.int64)
+    counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS)
+    return {
+        "count": len(lengths),
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "min": int(lengths.min()),
+        "truncated_share": float((lengths > max_length).mean()),
+        "mean_after_truncation": float(np.minimum(lengths, max_length).mean()),
+        "histogram": {"bin_edges": edges.tolist(), "counts": counts.tolist()},
+    }
+
+
+def _write_split(path: Path, ids: list[list[int]], labels: np.ndarray) -> None:
+    table = pa.table({
+        "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+        "length": pa.array([len(x) for x in ids], type=pa.int32()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+    })
+    pq.write_table(table, path)
+
+
+# --- the cache folder -------------------------------------------------------------------------
+
+def read_valid_meta(folder: Path, key: str) -> dict[str, Any] | None:
+    """The folder's meta.json if the folder is a complete cache for `key`, else None
+    (missing or unreadable meta, other key, missing parquet, wrong row count)."""
+    try:
+        meta = read_json(folder / "meta.json")
+        if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
+            return None
+        for split in SPLITS:
+            if pq.read_metadata(folder / f"{split}.parquet").num_rows != meta["rows"][split]:
+                return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
+
+
+def _build(folder: Path, frames: dict[str, pd.DataFrame], tokenizer: Any, key: str,
+           material: dict[str, Any], max_length: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    stats = {}
+    with atomic_dir(folder) as tmp:
+        for split in SPLITS:
+            frame = frames[split]
+            ids, full = encode_texts(tokenizer, frame["text"].astype(str).tolist(), max_length,
+                                     desc=f"tokenize {split}")
+            _write_split(tmp / f"{split}.parquet", ids, frame["label"].to_numpy())
+            stats[split] = length_stats(full, max_length)
+        meta = {"key": key, "format": CACHE_FORMAT, **material,
+                "rows": {s: len(frames[s]) for s in SPLITS}, "stats": stats,
+                "build_seconds": round(time.perf_counter() - started, 3), "created_at": now_iso()}
+        write_json(tmp / "meta.json", meta)  # last: its presence marks a complete folder
+    log.info("tokenized %s in %.1f s into %s", {s: len(frames[s]) for s in SPLITS},
+             meta["build_seconds"], folder)
+    return meta
+
+
+def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
+    """Tokenize data/{train,test}.parquet into the shared cache (or find it there) and
+    write data/tokens.json: key, cache folder, tokenizer identity, length statistics and
+    whether it was a cache hit."""
+    from lora_core.models import load_tokenizer, tokenizer_identity
+
+    started = time.perf_counter()
+    frames = {}
+    for split in SPLITS:
+        path = paths.train_parquet if split == "train" else paths.test_parquet
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the download step first")
+        frames[split] = pd.read_parquet(path, columns=["text", "label"])
+    # Loading is needed for the vocabulary hash in the key; tokenizing is what we avoid.
+    tokenizer = load_tokenizer(config.model)
+    material = {"data": {s: data_fingerprint(frames[s]) for s in SPLITS},
+                "tokenizer": tokenizer_identity(tokenizer), "max_length": config.max_length,
+                "truncation": truncation_settings(tokenizer)}
+    key = cache_key(material["data"], material["tokenizer"], config.max_length,
+                    material["truncation"])
+    root = tokenized_root(paths)
+    folder = root / key
+    meta = read_valid_meta(folder, key)
+    hit = meta is not None
+    if meta is None:
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f"{key}.lock"), timeout=LOCK_TIMEOUT_S):
+            meta = read_valid_meta(folder, key)  # another process may have built it meanwhile
+            hit = meta is not None
+            if meta is None:
+                meta = _build(folder, frames, tokenizer, key, material, config.max_length)
+    if hit:
+        log.info("tokenization cache hit: %s", folder)
+    return write_json(paths.tokens_json, {
+        "key": key, "cache_dir": str(folder), "tokenizer": meta["tokenizer"],
+        "max_length": meta["max_length"], "truncation": TRUNCATION,
+        "truncation_settings": meta["truncation"], "stats": meta["stats"], "cache_hit": hit,
+        "rows": meta["rows"], "build_seconds": meta["build_seconds"],
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+
+
+def load_split(paths: RunPaths, split: str) -> pd.DataFrame:
+    """Tokenized `split` of the run: columns `input_ids` (int32 array, unpadded, with
+    special tokens), `length`, `label` (int64), rows in the order of data/<split>.parquet."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if not paths.tokens_json.exists():
+        raise FileNotFoundError(f"{paths.tokens_json} is missing: run the tokenize step first")
+    tokens = read_json(paths.tokens_json)
+    folder = Path(tokens["cache_dir"])
+    if not folder.exists():  # the artifacts root was moved or mounted elsewhere
+        folder = tokenized_root(paths) / tokens["key"]
+    if read_valid_meta(folder, tokens["key"]) is None:
+        raise FileNotFoundError(f"tokenization cache {folder} is missing or incomplete: "
+                                "run the tokenize step again")
+    frame = pd.read_parquet(folder / f"{split}.parquet", columns=["input_ids", "length", "label"])
+    data = paths.train_parquet if split == "train" else paths.test_parquet
+    if data.exists() and pq.read_metadata(data).num_rows != len(frame):
+        raise ValueError(f"{data} has {pq.read_metadata(data).num_rows} rows but its tokens "
+                         f"have {len(frame)}: the data changed, run the tokenize step again")
+    frame["length"] = frame["length"].astype(np.int64)
+    return frame

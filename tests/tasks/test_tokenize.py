@@ -1,0 +1,194 @@
+"""The tokenization cache on real IMDB reviews: statistics, keys, cache hits, corruption,
+row order, and two processes racing on one key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+import tasks.tokenize as tk
+from lora_core.models import load_tokenizer
+from tasks.paths import PROJECT_DIR, RunPaths, read_json
+from tasks.pipeline import prepare_run
+
+
+def write_run_data(paths: RunPaths, sample: dict[str, pd.DataFrame]) -> None:
+    """What the download step would write: the run's data/{train,test}.parquet."""
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    sample["train"].to_parquet(paths.train_parquet, index=False)
+    sample["test"].to_parquet(paths.test_parquet, index=False)
+
+
+@pytest.fixture
+def run(smoke_run, imdb_sample):
+    config, paths = smoke_run  # tiny-distilbert (the real uncased vocab), max_length 32
+    write_run_data(paths, imdb_sample)
+    return config, paths
+
+
+@pytest.fixture
+def count_encodes(monkeypatch):
+    """Count calls of the function that runs the tokenizer."""
+    calls: list[int] = []
+    original = tk.encode_texts
+
+    def counting(tokenizer, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return original(tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(tk, "encode_texts", counting)
+    return calls
+
+
+def test_tokenize_writes_cache_and_pre_truncation_stats(run, imdb_sample):
+    config, paths = run
+    tokens = read_json(tk.tokenize_dataset(config, paths))
+    assert tokens["cache_hit"] is False and tokens["max_length"] == 32
+    folder = Path(tokens["cache_dir"])
+    assert folder.name == tokens["key"] and folder.parent == paths.cache_dir / "tokenized"
+    assert {p.name for p in folder.iterdir()} == {"train.parquet", "test.parquet", "meta.json"}
+    tokenizer = load_tokenizer(config.model)
+    for split in ("train", "test"):
+        stats = tokens["stats"][split]
+        full = np.array([len(ids) for ids in tokenizer(imdb_sample[split]["text"].tolist())["input_ids"]])
+        assert stats["count"] == len(imdb_sample[split]) == sum(stats["histogram"]["counts"])
+        assert len(stats["histogram"]["bin_edges"]) == len(stats["histogram"]["counts"]) + 1
+        # lengths are measured before truncation: they match an untruncated tokenizer call
+        assert stats["mean"] == pytest.approx(full.mean()) and stats["max"] == full.max()
+        assert stats["truncated_share"] == pytest.approx((full > 32).mean())
+        assert 0 < stats["truncated_share"] <= 1  # most IMDB reviews exceed 32 tokens
+        assert stats["median"] <= stats["p95"] <= stats["max"]
+
+
+def test_load_split_keeps_row_order_columns_and_truncation(run, imdb_sample):
+    config, paths = run
+    tk.tokenize_dataset(config, paths)
+    tokenizer = load_tokenizer(config.model)
+    for split in ("train", "test"):
+        frame = tk.load_split(paths, split)
+        data = imdb_sample[split]
+        assert list(frame.columns) == ["input_ids", "length", "label"]
+        assert frame["label"].dtype == np.int64 and frame["length"].dtype == np.int64
+        np.testing.assert_array_equal(frame["label"].to_numpy(), data["label"].to_numpy())
+        assert (frame["length"] == frame["input_ids"].map(len)).all() and frame["length"].max() == 32
+        for row in (0, 7, len(data) - 1):  # same ids as a direct call, row by row
+            expected = tokenizer(data["text"][row], truncation=True, max_length=32)["input_ids"]
+            assert list(frame["input_ids"][row]) == expected
+            assert expected[0] == tokenizer.cls_token_id and expected[-1] == tokenizer.sep_token_id
+
+
+def test_load_split_refuses_unknown_split_and_missing_tokens(run):
+    _, paths = run
+    with pytest.raises(FileNotFoundError, match="tokenize step"):
+        tk.load_split(paths, "test")
+    with pytest.raises(ValueError, match="'validation'"):
+        tk.load_split(paths, "validation")
+
+
+def test_second_run_with_same_key_calls_no_tokenizer(run, imdb_sample, artifacts, monkeypatch):
+    config, paths = run
+    first = read_json(tk.tokenize_dataset(config, paths))
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the tokenizer was called on a cache hit")
+
+    for cls in (PreTrainedTokenizerBase, type(load_tokenizer(config.model))):
+        monkeypatch.setattr(cls, "__call__", boom)
+    monkeypatch.setattr(tk, "encode_texts", boom)
+    other = prepare_run(config, "second-run", artifacts, artifacts.parent / "reports")
+    write_run_data(other, imdb_sample)  # another run, same data: the cache is shared
+    second = read_json(tk.tokenize_dataset(config, other))
+    assert second["cache_hit"] is True and second["key"] == first["key"]
+    assert second["stats"] == first["stats"]
+    pd.testing.assert_frame_equal(tk.load_split(other, "test"), tk.load_split(paths, "test"))
+
+
+def test_max_length_and_data_are_part_of_the_key(run, imdb_sample, artifacts, count_encodes):
+    config, paths = run
+    base = read_json(tk.tokenize_dataset(config, paths))["key"]
+    longer = prepare_run(config.with_overrides(max_length=64), "longer", artifacts)
+    write_run_data(longer, imdb_sample)
+    changed = prepare_run(config, "changed-data", artifacts)
+    edited = {s: f.copy() for s, f in imdb_sample.items()}
+    edited["test"].loc[3, "text"] += " One more sentence."
+    write_run_data(changed, edited)
+    keys = {base, read_json(tk.tokenize_dataset(config.with_overrides(max_length=64), longer))["key"],
+            read_json(tk.tokenize_dataset(config, changed))["key"]}
+    assert len(keys) == 3 and len(count_encodes) == 6  # three builds of two splits each
+    assert tk.load_split(longer, "train")["length"].max() == 64
+
+
+@pytest.mark.parametrize("damage", ["delete_meta", "truncate_parquet", "garble_meta"])
+def test_incomplete_cache_is_never_a_hit(run, count_encodes, damage):
+    config, paths = run
+    folder = Path(read_json(tk.tokenize_dataset(config, paths))["cache_dir"])
+    if damage == "delete_meta":
+        (folder / "meta.json").unlink()
+    elif damage == "garble_meta":
+        (folder / "meta.json").write_text('{"key": ')
+    else:  # fewer rows than meta.json promises
+        pd.read_parquet(folder / "test.parquet").head(5).to_parquet(folder / "test.parquet")
+    tokens = read_json(tk.tokenize_dataset(config, paths))
+    assert tokens["cache_hit"] is False and len(count_encodes) == 4
+    assert len(tk.load_split(paths, "test")) == 200
+
+
+RACER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import lora_core.models  # heavy imports before the start line, so both start together
+    import tasks.tokenize as tk
+    from tasks.pipeline import load_run
+
+    marker, start_dir, run_dir = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    original = tk.encode_texts
+
+    def counting(*args, **kwargs):
+        with marker.open("a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(1.0)  # hold the lock long enough for the other process to queue on it
+        return original(*args, **kwargs)
+
+    tk.encode_texts = counting
+    (start_dir / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(start_dir.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    config, paths = load_run(run_dir)
+    tk.tokenize_dataset(config, paths)
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_racing_on_one_key_tokenize_once(smoke_config, artifacts, imdb_sample, tmp_path):
+    runs = [prepare_run(smoke_config, f"race-{i}", artifacts) for i in range(2)]
+    for paths in runs:
+        write_run_data(paths, imdb_sample)
+    script, marker, start = tmp_path / "racer.py", tmp_path / "tokenizer-calls.txt", tmp_path / "start"
+    script.write_text(RACER)
+    start.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(marker), str(start), str(p.run_dir)],
+                              cwd=PROJECT_DIR, env=env, stderr=subprocess.PIPE, text=True)
+             for p in runs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+    builders = marker.read_text().split()
+    assert len(builders) == 2 and len(set(builders)) == 1  # one process tokenized both splits
+    results = sorted((read_json(p.tokens_json) for p in runs), key=lambda t: t["cache_hit"])
+    assert [t["cache_hit"] for t in results] == [False, True]
+    assert results[0]["key"] == results[1]["key"]
+    assert results[1]["seconds"] > 0.5  # the second process waited on the lock
+    folder = Path(results[0]["cache_dir"])
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    for paths in runs:
+        assert len(tk.load_split(paths, "train")) == 400
