@@ -1,0 +1,391 @@
+"""The report's figures: matplotlib (Agg, no pyplot state) rendered to inline SVG strings.
+
+Byte-stable on purpose (shared/docs/notes.md, "The report"): a fixed `svg.hashsalt`, no
+date in the metadata, text as <text> (not glyph paths), and every id prefixed per figure
+so several SVGs can live in one HTML page without their ids colliding.
+Every function takes plain numbers (lists of dicts) and returns an SVG string, or None
+when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.figure import Figure
+
+METHOD_COLORS = {
+    "baseline": "#8a8a8a",
+    "linear_probe": "#CC79A7",
+    "lora": "#0072B2",
+    "full_finetune": "#D55E00",
+}  # Okabe-Ito: readable for colour-blind readers
+METHOD_LABELS = {
+    "baseline": "baseline",
+    "linear_probe": "linear probe",
+    "lora": "LoRA",
+    "full_finetune": "full fine-tuning",
+}
+_RC = {
+    "svg.hashsalt": "loraflow",
+    "svg.fonttype": "none",
+    "font.family": "sans-serif",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.edgecolor": "#777777",
+    "axes.grid": True,
+    "grid.color": "#e6e6e6",
+    "grid.linewidth": 0.8,
+    "axes.axisbelow": True,
+    "legend.frameon": False,
+    "figure.facecolor": "white",
+}
+_ID_REF = re.compile(r'(\bid="|href="#|url\(#)([^")]+)')
+_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends never hide data
+MAX_POINTS = 800  # per line; a paper-preset loss curve has ~5,000 steps
+
+
+def to_svg(fig: Figure, name: str) -> str:
+    """The figure as an inline <svg> element (no XML prolog, no metadata, ids prefixed)."""
+    buf = io.StringIO()
+    with mpl.rc_context(_RC):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg") :]
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text, flags=re.DOTALL)
+    text = _ID_REF.sub(lambda m: f"{m.group(1)}{name}-{m.group(2)}", text)
+    return text.replace("<svg ", f'<svg role="img" aria-label="{name}" ', 1).strip()
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    with mpl.rc_context(_RC):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _variant_colors(names: Sequence[str]) -> dict[str, Any]:
+    cmap = mpl.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At most MAX_POINTS points: bin means, so the curve keeps its shape."""
+    if len(x) <= MAX_POINTS:
+        return x, y
+    bins = np.array_split(np.arange(len(x)), MAX_POINTS)
+    return np.array([x[b].mean() for b in bins]), np.array([y[b].mean() for b in bins])
+
+
+def accuracy_ci(rows: list[dict[str, Any]]) -> str | None:
+    """Accuracy of each successful variant with its 95% bootstrap interval."""
+    rows = [r for r in rows if r.get("accuracy") is not None]
+    if not rows:
+        return None
+    rows = sorted(rows, key=lambda r: (r["accuracy"], r["variant"]))
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(6.4, max(3.4, 0.9 + 0.3 * len(rows)))
+        ax = ax[0, 0]
+        for i, r in enumerate(rows):
+            color = METHOD_COLORS.get(r["method"], "#444444")
+            ci = r.get("ci")
+            if ci and None not in ci:
+                ax.errorbar(
+                    r["accuracy"],
+                    i,
+                    xerr=[[r["accuracy"] - ci[0]], [ci[1] - r["accuracy"]]],
+                    fmt="o",
+                    color=color,
+                    capsize=3,
+                    markersize=5,
+                )
+            else:
+                ax.plot(r["accuracy"], i, "o", color=color, markersize=5)
+        ax.axvline(0.5, color="#bbbbbb", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
+        ax.set_xlabel("test accuracy (95% bootstrap interval); dashed: chance")
+        ax.grid(axis="y", visible=False)
+        _method_legend(ax, {r["method"] for r in rows})
+        return to_svg(fig, "accuracy")
+
+
+def _method_legend(ax, methods: set[str]) -> None:
+    """One entry per method present, outside the axes so it never hides a point."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=METHOD_COLORS[m], label=METHOD_LABELS[m])
+        for m in METHOD_COLORS
+        if m in methods
+    ]
+    if handles:
+        ax.legend(handles=handles, **_OUTSIDE)
+
+
+def loss_curves(series: list[dict[str, Any]]) -> str | None:
+    """Training loss per logged step: one line per variant (faint raw, solid smoothed)."""
+    series = [s for s in series if len(s["steps"]) > 0]
+    if not series:
+        return None
+    colors = _variant_colors([s["variant"] for s in series])
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(6.4, 3.4)
+        ax = ax[0, 0]
+        for s in series:
+            x, y = _thin(np.asarray(s["steps"], float), np.asarray(s["values"], float))
+            color = colors[s["variant"]]
+            if len(y) > 30:  # noisy per-step losses: show the trend over the raw trace
+                window = max(3, len(y) // 25)
+                smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+                ax.plot(x, y, color=color, alpha=0.22, linewidth=0.8)
+                ax.plot(x[window - 1 :], smooth, color=color, linewidth=1.6, label=s["variant"])
+            else:
+                ax.plot(
+                    x,
+                    y,
+                    color=color,
+                    linewidth=1.4,
+                    marker="." if len(y) < 10 else None,
+                    label=s["variant"],
+                )
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(**_OUTSIDE)
+        return to_svg(fig, "loss")
+
+
+def eval_curves(series: list[dict[str, Any]]) -> str | None:
+    """Test accuracy after each epoch, one line per trained variant."""
+    series = [s for s in series if len(s["epochs"]) > 0]
+    if not any(len(s["epochs"]) > 1 for s in series):  # one epoch: the accuracy plot says it all
+        return None
+    colors = _variant_colors([s["variant"] for s in series])
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(6.4, 3.4)
+        ax = ax[0, 0]
+        for s in series:
+            ax.plot(
+                s["epochs"],
+                s["values"],
+                marker="o",
+                color=colors[s["variant"]],
+                linewidth=1.4,
+                label=s["variant"],
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(**_OUTSIDE)
+        return to_svg(fig, "eval")
+
+
+def accuracy_vs_params(rows: list[dict[str, Any]]) -> str | None:
+    """Accuracy against the number of trained parameters (log scale)."""
+    rows = [
+        r for r in rows if r.get("accuracy") is not None and (r.get("params_trainable") or 0) > 0
+    ]
+    if not rows:
+        return None
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(6.4, 3.4)
+        ax = ax[0, 0]
+        # neighbours in x alternate their labels above and below, so close points stay legible
+        for i, r in enumerate(sorted(rows, key=lambda r: (r["params_trainable"], r["variant"]))):
+            ax.plot(
+                r["params_trainable"],
+                r["accuracy"],
+                "o",
+                markersize=6,
+                color=METHOD_COLORS.get(r["method"], "#444444"),
+            )
+            ax.annotate(
+                r["variant"],
+                (r["params_trainable"], r["accuracy"]),
+                fontsize=7,
+                xytext=(5, 4) if i % 2 == 0 else (5, -11),
+                textcoords="offset points",
+                color="#444444",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.margins(x=0.25, y=0.2)
+        _method_legend(ax, {r["method"] for r in rows})
+        return to_svg(fig, "params")
+
+
+def cost_bars(rows: list[dict[str, Any]]) -> str | None:
+    """Training time and peak memory per variant, side by side. Drawn only when a model was
+    trained (baselines alone would compare milliseconds of fitting); memory only if measured."""
+    rows = [
+        r
+        for r in rows
+        if r.get("train_seconds") is not None or r.get("peak_memory_bytes") is not None
+    ]
+    if not any(r["method"] != "baseline" for r in rows):
+        return None
+    rows = sorted(rows, key=lambda r: r["variant"])
+    panels = [
+        ("train_seconds", 1.0, "training time (s)"),
+        ("peak_memory_bytes", 1e6, "peak memory (MB)"),
+    ]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
+    with mpl.rc_context(_RC):
+        fig, axes = _figure(6.8, max(3.4, 0.9 + 0.3 * len(rows)), ncols=len(panels))
+        y = np.arange(len(rows))
+        colors = [METHOD_COLORS.get(r["method"], "#444444") for r in rows]
+        for i, (ax, (key, scale, label)) in enumerate(zip(axes[0], panels)):
+            values = [(r.get(key) or 0) / scale for r in rows]
+            ax.barh(y, values, color=colors, height=0.6)
+            ax.set_xlabel(label)
+            ax.grid(axis="y", visible=False)
+            ax.set_yticks(y, [r["variant"] for r in rows] if i == 0 else [])
+            for yi, r in zip(y, rows):
+                if r.get(key) is None:
+                    ax.text(
+                        0.02,
+                        yi,
+                        "not measured",
+                        va="center",
+                        fontsize=7,
+                        color="#888888",
+                        transform=ax.get_yaxis_transform(),
+                    )
+        return to_svg(fig, "cost")
+
+
+def accuracy_vs_rank(rows: list[dict[str, Any]]) -> str | None:
+    """LoRA accuracy against rank, one line per target set (mean over seeds, dots per seed).
+    Only drawn when some target set was trained at more than one rank."""
+    rows = [r for r in rows if r.get("accuracy") is not None and r.get("rank") is not None]
+    by_target: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_target.setdefault(str(r.get("targets")), []).append(r)
+    if not any(len({r["rank"] for r in rs}) > 1 for rs in by_target.values()):
+        return None
+    colors = _variant_colors(sorted(by_target))
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(6.4, 3.4)
+        ax = ax[0, 0]
+        for target in sorted(by_target):
+            rs = by_target[target]
+            ranks = sorted({r["rank"] for r in rs})
+            means = [np.mean([r["accuracy"] for r in rs if r["rank"] == k]) for k in ranks]
+            ax.plot(ranks, means, marker="o", color=colors[target], label=target)
+            ax.plot(
+                [r["rank"] for r in rs],
+                [r["accuracy"] for r in rs],
+                ".",
+                alpha=0.5,
+                color=colors[target],
+            )
+        ax.set_xscale("log", base=2)
+        all_ranks = sorted({r["rank"] for r in rows})
+        ax.set_xticks(all_ranks, [str(k) for k in all_ranks])
+        ax.set_xlabel("LoRA rank r (log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.legend(title="target set", **_OUTSIDE)
+        return to_svg(fig, "rank")
+
+
+def confusion_grid(items: list[dict[str, Any]]) -> str | None:
+    """Small multiples of 2x2 confusion matrices [[tn, fp], [fn, tp]]."""
+    items = [i for i in items if i.get("matrix")]
+    if not items:
+        return None
+    ncols = min(6, len(items))  # the page shows this figure across the full width
+    nrows = math.ceil(len(items) / ncols)
+    with mpl.rc_context(_RC):
+        fig, axes = _figure(1.75 * ncols + 0.4, 1.9 * nrows + 0.2, ncols=ncols, nrows=nrows)
+        for ax in axes.flat:
+            ax.set_visible(False)
+        for ax, item in zip(axes.flat, items):
+            m = np.asarray(item["matrix"], dtype=float)
+            ax.set_visible(True)
+            ax.imshow(m / max(m.sum(), 1), cmap="Blues", vmin=0, vmax=1)
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(
+                    j,
+                    i,
+                    f"{int(v):,}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v / max(m.sum(), 1) > 0.5 else "#222222",
+                )
+            ax.set_xticks([0, 1], ["neg", "pos"])
+            ax.set_yticks([0, 1], ["neg", "pos"])
+            ax.grid(False)
+            ax.set_title(item["variant"], fontsize=8)
+            ax.tick_params(length=0)
+        fig.supxlabel("predicted", fontsize=8)
+        fig.supylabel("true label", fontsize=8)
+        return to_svg(fig, "confusion")
+
+
+def token_histogram(stats: dict[str, Any], max_length: int | None) -> str | None:
+    """Token lengths per split (before truncation) with the truncation limit marked."""
+    splits = [
+        (s, v) for s, v in sorted(stats.items()) if isinstance(v, dict) and v.get("histogram")
+    ]
+    if not splits:
+        return None
+    colors = {"train": "#0072B2", "test": "#E69F00"}
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(6.4, 3.0)
+        ax = ax[0, 0]
+        for split, v in splits:
+            edges, counts = v["histogram"]["bin_edges"], v["histogram"]["counts"]
+            share = v.get("truncated_share")
+            label = split + (f" ({share:.1%} truncated)" if share is not None else "")
+            ax.stairs(
+                counts, edges, color=colors.get(split), linewidth=1.4, label=label, fill=False
+            )
+        if max_length:
+            ax.axvline(
+                max_length,
+                color="#c0392b",
+                linestyle="--",
+                linewidth=1,
+                label=f"max_length = {max_length}",
+            )
+        ax.set_xlabel("tokens per review (with special tokens)")
+        ax.set_ylabel("reviews")
+        ax.legend(**_OUTSIDE)
+        return to_svg(fig, "tokens")
+
+
+def trend(runs: list[dict[str, Any]]) -> str | None:
+    """Best accuracy per method across runs (oldest left), so scheduled runs show drift."""
+    if len(runs) < 2:
+        return None
+    with mpl.rc_context(_RC):
+        fig, ax = _figure(7.2, 3.4)
+        ax = ax[0, 0]
+        x = np.arange(len(runs))
+        for method, color in METHOD_COLORS.items():
+            y = [(r.get("best") or {}).get(method, {}).get("accuracy") for r in runs]
+            if any(v is not None for v in y):
+                ax.plot(
+                    x,
+                    [np.nan if v is None else v for v in y],
+                    marker="o",
+                    color=color,
+                    label=METHOD_LABELS[method],
+                )
+        labels = [r["run_id"] if len(r["run_id"]) <= 22 else r["run_id"][:21] + "…" for r in runs]
+        ax.set_xticks(x, labels, rotation=30, ha="right")
+        ax.set_ylabel("best test accuracy")
+        ax.legend(**_OUTSIDE)
+        return to_svg(fig, "trend")

@@ -1,0 +1,97 @@
+"""Debian's headless Chromium opens a fixture report offline: no console errors, no request
+that leaves the file system, no horizontal overflow, every plot drawn; a full-page
+screenshot is kept for a human to look at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.report import build_report
+from tests.tasks.fixtures_report import XSS, make_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+# where a copy of the screenshot goes for people to look at (only if that folder exists)
+SCREENSHOT_COPY = Path(os.environ.get("LORAFLOW_SCREENSHOT", "/work/notes/report_screenshot.png"))
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _browser_or_skip():
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "the python package playwright is not installed"
+    if missing is None and not CHROMIUM.exists():
+        missing = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    return sync_playwright
+
+
+def _open(page, url: str) -> dict[str, list[str]]:
+    seen: dict[str, list[str]] = {"errors": [], "requests": []}
+    page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    page.on(
+        "request",
+        lambda r: (
+            seen["requests"].append(r.url) if not r.url.startswith(("file:", "data:")) else None
+        ),
+    )
+    page.goto(url, wait_until="load")
+    return seen
+
+
+def test_report_opens_offline_without_errors_or_requests(tmp_path):
+    sync_playwright = _browser_or_skip()
+    reports = tmp_path / "reports"
+    build_report(
+        make_run(tmp_path, run_id="older-run", finished_at="2026-11-19T10:00:00+00:00").run_dir,
+        reports,
+    )
+    report = build_report(make_run(tmp_path, extra={"note": XSS}).run_dir, reports)
+    shot = tmp_path / "report.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            seen = _open(page, report.as_uri())
+            assert page.title() == "loraflow · fixture-run"
+            # the page is laid out for its width: nothing sticks out sideways
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+            sizes = page.evaluate(
+                "[...document.querySelectorAll('svg')].map(s => s.getBoundingClientRect().height)"
+            )
+            assert len(sizes) == 7 and min(sizes) > 100
+            assert (
+                page.evaluate(
+                    "JSON.parse(document.getElementById('report-data').textContent).run_id"
+                )
+                == "fixture-run"
+            )
+            assert (
+                page.evaluate(
+                    "document.querySelectorAll('script:not([type=\"application/json\"])').length"
+                )
+                == 0
+            )
+            page.screenshot(path=str(shot), full_page=True)
+
+            index = browser.new_page(viewport={"width": 1280, "height": 900})
+            seen_index = _open(index, (reports / "index.html").as_uri())
+            assert index.locator("a[href='./fixture-run/report.html']").count() == 1
+            index.screenshot(path=str(tmp_path / "index.png"), full_page=True)
+        finally:
+            browser.close()
+    assert seen["errors"] == [] and seen_index["errors"] == []
+    assert seen["requests"] == [] and seen_index["requests"] == []
+    assert shot.stat().st_size > 50_000
+    if SCREENSHOT_COPY.parent.is_dir():
+        shutil.copyfile(shot, SCREENSHOT_COPY)
