@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ REQUIRED_FIELDS = (
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_record(variant: str, method: str, config: ExperimentConfig, seed: int | None,
@@ -64,7 +64,7 @@ def classification_scores(labels: np.ndarray, preds: np.ndarray) -> dict[str, An
         "f1": float(f1_score(labels, preds, zero_division=0)),
         "accuracy_ci95": bootstrap_accuracy_ci(correct),
         "confusion_matrix": confusion_matrix(labels, preds, labels=[0, 1]).tolist(),
-        "test_examples": int(len(labels)),
+        "test_examples": len(labels),
     }
 
 

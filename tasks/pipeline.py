@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tasks.config import ExperimentConfig, preset_config
+from tasks.environment import environment
 from tasks.paths import RunPaths, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 
 def new_run_id(prefix: str = "local") -> str:
-    return f"{prefix}__{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H-%M-%S')}"
+    return f"{prefix}__{datetime.now(UTC).strftime('%Y-%m-%dT%H-%M-%S')}"
 
 
 def config_from_params(params: dict[str, Any]) -> ExperimentConfig:
@@ -39,7 +40,8 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
                              f"({paths.config_json}); use a new run id")
         return paths
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(paths.config_json, config.to_dict())
+    write_json(paths.run_dir / "environment.json", environment())
+    write_json(paths.config_json, config.to_dict())  # last: its presence marks a prepared run
     return paths
 
 

@@ -220,7 +220,7 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
     stored = load_stored(run_dir)
     rows = comparison_rows(stored["variants"])
     head = headline(stored["variants"])
-    prov = provenance(stored["config"], stored["variants"], run_id)
+    prov = provenance(stored["config"], stored["variants"], run_id, stored["environment"])
     config = stored["config"] or {}
     html = _env().get_template("report.html").render(
         run_id=run_id, config=config, rows=rows, head=head, prov=prov, stored=stored,

@@ -7,19 +7,17 @@ page says so.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
-import platform
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.environment import environment
 from tasks.metrics import REQUIRED_FIELDS
-from tasks.paths import PROJECT_DIR, read_json
+from tasks.paths import read_json
 
 METHOD_LABELS = {
     "baseline": "baseline",
@@ -28,16 +26,6 @@ METHOD_LABELS = {
     "full_finetune": "full fine-tuning",
 }
 METHOD_ORDER = {m: i for i, m in enumerate(METHOD_LABELS)}
-PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "apache-airflow",
-    "great_expectations",
-    "pandas",
-    "scikit-learn",
-    "matplotlib",
-)
 PREDICTION_COLUMNS = ("row", "label", "pred")
 
 
@@ -195,6 +183,8 @@ def load_stored(run_dir: Path) -> dict[str, Any]:
         run_dir / "data" / "validation.json", "Validation result", "validation", missing
     )
     tokens = _read(run_dir / "data" / "tokens.json", "Tokenization summary", "tokens", missing)
+    env_file = run_dir / "environment.json"
+    env = read_json(env_file) if env_file.exists() else None
     results = run_dir / "results"
     variants = (
         {d.name: _load_variant(d) for d in sorted(results.iterdir()) if d.is_dir()}
@@ -215,6 +205,7 @@ def load_stored(run_dir: Path) -> dict[str, Any]:
         "config": config,
         "validation": validation,
         "tokens": tokens,
+        "environment": env,
         "variants": sorted(variants.values(), key=_sort_key),
         "missing": missing,
     }
@@ -355,43 +346,14 @@ def training_series(variants: list[dict[str, Any]]) -> tuple[list[dict], list[di
 # --- provenance ----------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_DIR,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_DIR,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def provenance(
-    config: dict[str, Any] | None, variants: list[dict[str, Any]], run_id: str
+    config: dict[str, Any] | None, variants: list[dict[str, Any]], run_id: str,
+    stored_env: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Where the numbers came from. Times and devices come from the records; the commit,
-    versions and platform are those of the code that built this report (labelled so)."""
+    versions and platform from the run's environment.json (written when the run was
+    prepared), else from the code that builds this report (labelled so)."""
+    env = stored_env or environment()
     started = [v["started_at"] for v in variants if isinstance(v.get("started_at"), str)]
     finished = [v["finished_at"] for v in variants if isinstance(v.get("finished_at"), str)]
     params = [
@@ -404,10 +366,11 @@ def provenance(
         "params": params,
         "started_at": min(started) if started else None,
         "finished_at": max(finished) if finished else None,
-        "git_commit": _git_commit(),
-        "packages": {p: _version(p) for p in PACKAGES},
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        "git_commit": env["git_commit"],
+        "packages": env["packages"],
+        "python": env["python"],
+        "platform": env["platform"],
+        "env_source": "the run" if stored_env else "the report builder",
         "devices": sorted({str(v["device"]) for v in variants if v.get("device")}),
         "hosts": sorted({str(v["host"]) for v in variants if v.get("host")}),
         "memory_kinds": sorted(
