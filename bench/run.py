@@ -88,22 +88,25 @@ def bench_train_step(source: str, method: str, batch: dict, repeats: int) -> dic
             "params_total": counts["total"], "adam_state_bytes": 8 * counts["trainable"]}
 
 
+def _ms_per_example(model, batch: dict, size: int, repeats: int) -> float:
+    sub = {k: v[:size] for k, v in batch.items()}
+
+    def forward():
+        with torch.inference_mode():
+            model(**sub)
+
+    return 1000 * _timed(forward, repeats) / size
+
+
 def bench_inference(source: str, batch: dict, repeats: int) -> list[dict[str, Any]]:
     """ms per example at batch 1 and batch BATCH: bare model, LoRA unmerged, LoRA merged."""
     from lora_core.inject import inject_lora, merge_lora, unwrap_lora
 
     torch.manual_seed(0)
     model = _model(source).eval()
-    rows = []
-    for size in (1, len(batch["input_ids"])):
-        sub = {k: v[:size] for k, v in batch.items()}
-
-        def forward():
-            with torch.inference_mode():
-                model(**sub)
-
-        rows.append({"model": source, "variant": "bare", "batch": size,
-                     "ms_per_example": 1000 * _timed(forward, repeats) / size})
+    sizes = (1, len(batch["input_ids"]))
+    rows = [{"model": source, "variant": "bare", "batch": n,
+             "ms_per_example": _ms_per_example(model, batch, n, repeats)} for n in sizes]
     inject_lora(model, "qkvo", rank=16, alpha=16)
     for p in model.parameters():  # a non-zero update, as after training
         if p.requires_grad:
@@ -112,15 +115,8 @@ def bench_inference(source: str, batch: dict, repeats: int) -> list[dict[str, An
     for variant in ("unmerged", "merged"):
         if variant == "merged":
             merge_lora(model)
-        for size in (1, len(batch["input_ids"])):
-            sub = {k: v[:size] for k, v in batch.items()}
-
-            def forward():
-                with torch.inference_mode():
-                    model(**sub)
-
-            rows.append({"model": source, "variant": f"lora {variant}", "batch": size,
-                         "ms_per_example": 1000 * _timed(forward, repeats) / size})
+        rows += [{"model": source, "variant": f"lora {variant}", "batch": n,
+                  "ms_per_example": _ms_per_example(model, batch, n, repeats)} for n in sizes]
     unwrap_lora(model)
     return rows
 
@@ -147,8 +143,9 @@ def bench_tokenize_cache(data_dir: Path, n_train: int) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# loraflow benchmark ({results['machine']['when']})", "",
-             f"Machine: {results['machine']['cpu']}, {results['machine']['threads']} torch threads, "
-             f"device {results['machine']['device']}; batch {BATCH} x {SEQ_LEN} tokens.", "",
+             (f"Machine: {results['machine']['cpu']}, {results['machine']['threads']} torch "
+              f"threads, device {results['machine']['device']}; batch {BATCH} x {SEQ_LEN} tokens."),
+             "",
              "## Training step (AdamW)", "",
              "| model | method | ms/step | samples/s | trainable | Adam state |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -161,8 +158,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['ms_per_example']:.2f} |")
     t = results["tokenize"]
     lines += ["", "## Tokenization cache", "",
-              f"{t['examples']:,} real reviews at {t['max_length']} tokens: cold "
-              f"{t['cold_seconds']:.2f} s, cache hit {t['cache_hit_seconds']:.2f} s.", ""]
+              (f"{t['examples']:,} real reviews at {t['max_length']} tokens: cold "
+               f"{t['cold_seconds']:.2f} s, cache hit {t['cache_hit_seconds']:.2f} s."), ""]
     return "\n".join(lines)
 
 
