@@ -53,8 +53,8 @@ def pad_id_of(model: torch.nn.Module) -> int:
 
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
     """Mixed precision where the device supports it: bf16 on CUDA when available (no loss
-    scaling needed), else fp16; none on CPU (CPU autocast is slower than fp32 for these
-    small encoders and changes results)."""
+    scaling needed), else fp16; none on CPU (fp32 there: CPU bf16 speed depends on the
+    chip, and fp32 keeps CPU runs reproducible across machines)."""
     if torch.device(device).type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
