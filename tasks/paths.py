@@ -140,7 +140,8 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700    try:
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+    try:
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old.{os.getpid()}")
