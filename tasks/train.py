@@ -82,10 +82,13 @@ def variant_name(spec: dict[str, Any]) -> str:
 
 
 def resolve_device(device: str | None = None) -> str:
-    """The device given (e.g. by the GPU lease), else CUDA when present, else the CPU."""
-    if device:
-        return str(torch.device(device))
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device given (e.g. by the GPU lease), else CUDA when present, else the CPU.
+    A leased GPU becomes the current device, so nothing in this process touches GPU 0
+    by default while another task holds it."""
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if resolved.type == "cuda" and resolved.index is not None:
+        torch.cuda.set_device(resolved)
+    return str(resolved)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Run the whole DAG once, in this process (`airflow dags test`: no scheduler or web server
+# needed), with a preset and the local data; print the run folder and the report.
+#   scripts/run_dag.sh [PRESET] [EXTRA_CONF_JSON]     e.g. scripts/run_dag.sh smoke '{"ranks": [4, 8]}'
+set -euo pipefail
+source "$(dirname "$0")/airflow_env.sh"
+PRESET="${1:-cpu}"
+EXTRA="${2:-}"
+[ -n "$EXTRA" ] || EXTRA="{}"
+DAG_ID=lora_imdb_experiment
+
+# The trigger conf: the preset, the local data when $LORAFLOW_DATA is set, then EXTRA.
+CONF="$("$PY" - "$PRESET" "$EXTRA" <<'PYEOF'
+import json, os, sys
+conf = {"preset": sys.argv[1]}
+if os.environ.get("LORAFLOW_DATA"):
+    conf["data"] = os.environ["LORAFLOW_DATA"]
+conf.update(json.loads(sys.argv[2]))
+print(json.dumps(conf))
+PYEOF
+)"
+
+[ -e "$AIRFLOW_HOME/airflow.db" ] || bash "$ROOT/scripts/airflow_init.sh"
+RUNS="$("$PY" -c 'from tasks.paths import artifacts_root; print(artifacts_root() / "runs")')"
+REPORTS="$("$PY" -c 'from tasks.paths import reports_root; print(reports_root())')"
+
+marker="$(mktemp)"
+trap 'rm -f "$marker"' EXIT
+echo "airflow dags test $DAG_ID -c '$CONF'"
+status=0
+"$AIRFLOW" dags test "$DAG_ID" -c "$CONF" || status=$?
+
+# `dags test` picks its own run id; the run is the folder `prepare` created just now.
+run_dir="$(find "$RUNS" -mindepth 2 -maxdepth 2 -name config.json -newer "$marker" \
+           -printf '%T@ %h\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)"
+if [ -z "$run_dir" ]; then
+    echo "error: no run folder under $RUNS: the run was refused or failed before prepare (see the log above)" >&2
+    exit 1
+fi
+report="$REPORTS/$(basename "$run_dir")/report.html"
+echo "run: $run_dir"
+if [ -f "$report" ]; then
+    echo "report: $report"
+else
+    echo "error: no report at $report" >&2
+    [ "$status" -ne 0 ] || status=1
+fi
+[ "$status" -eq 0 ] || echo "error: the DAG run failed (exit $status); failed variants are listed in the report" >&2
+exit "$status"

@@ -1,0 +1,203 @@
+"""The DAG file as Airflow parses it: no import errors, no ML stack at parse time, the
+structure design.md describes, and a trigger form that refuses bad values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tasks import config as tasks_config
+from tests.dags.conftest import DAG_ID, DAGS_DIR, airflow_env
+
+GPU_TASKS = ("encoder_baselines", "lora", "full_finetune")
+MAPPED_TASKS = ("baselines", *GPU_TASKS)
+
+
+def _parse_in_fresh_process(extra_env: dict[str, str] | None = None) -> dict:
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        from airflow.dag_processing.dagbag import DagBag
+        start = time.perf_counter()
+        bag = DagBag(dag_folder={str(DAGS_DIR)!r})
+        seconds = time.perf_counter() - start
+        heavy = [m for m in ("torch", "transformers", "great_expectations", "tasks", "lora_core")
+                 if m in sys.modules]
+        dag = bag.dags.get({DAG_ID!r})
+        print(json.dumps({{"errors": bag.import_errors, "heavy": heavy, "seconds": seconds,
+                          "timetable": type(dag.timetable).__name__ if dag else None,
+                          "cron": getattr(dag.timetable, "expression", None) if dag else None}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=airflow_env(**(extra_env or {})),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dag_parses_without_errors_and_without_the_ml_stack():
+    result = _parse_in_fresh_process()
+    assert result["errors"] == {}
+    assert result["heavy"] == []  # neither torch, transformers, GX nor our own tasks package
+    assert result["seconds"] < 2.0  # the scheduler re-parses DAG files every few seconds
+    assert result["cron"] == "0 0 * * 0"  # @weekly
+
+
+def test_schedule_comes_from_loraflow_schedule():
+    assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "none"})["timetable"] == "NullTimetable"
+    assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "0 3 * * 1"})["cron"] == "0 3 * * 1"
+
+
+def test_unpausing_waits_for_the_next_weekly_slot_instead_of_running_a_past_one(dag, monkeypatch):
+    from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables import trigger
+    from airflow.timetables.base import TimeRestriction
+
+    sunday_morning = datetime(2026, 11, 29, 5, 0, tzinfo=UTC)  # 5 h after the weekly slot
+    monkeypatch.setattr(trigger, "utcnow", lambda: sunday_morning)
+    first = coerce_to_core_timetable(dag.timetable).next_dagrun_info(
+        last_automated_data_interval=None,
+        restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=dag.catchup))
+    assert first.run_after == datetime(2026, 12, 6, 0, 0, tzinfo=UTC)
+
+
+def test_task_ids_and_dependencies(dag):
+    assert set(dag.task_ids) == {
+        "prepare", "download_dataset", "validate_dataset", "tokenize",
+        "plan_baselines", "plan_encoder_baselines", "plan_lora", "plan_full_finetune",
+        "baselines", "encoder_baselines", "lora", "full_finetune", "report", "check_variants",
+    }
+    up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
+    assert up["prepare"] == set()
+    assert up["download_dataset"] == {"prepare"}
+    assert up["validate_dataset"] == {"download_dataset"}
+    assert up["tokenize"] == {"validate_dataset"}
+    for name in MAPPED_TASKS:
+        assert up[name] == {"tokenize", f"plan_{name}"}
+        assert up[f"plan_{name}"] == {"prepare"}
+    assert up["report"] == {"prepare", *MAPPED_TASKS}
+    assert up["check_variants"] == set(MAPPED_TASKS)
+    assert {t.task_id for t in dag.tasks if not t.downstream_task_ids} == {"report", "check_variants"}
+
+
+def test_encoder_tasks_use_the_gpu_pool_and_queue_and_retry_with_backoff(dag):
+    for name in GPU_TASKS:
+        t = dag.get_task(name)
+        assert (t.pool, t.queue) == ("gpu", "gpu")
+        assert t.retries == 2 and t.retry_exponential_backoff == 2.0
+        assert t.max_retry_delay == timedelta(minutes=30)
+        # bad input fails at once; anything else (OOM, a lost worker) is retried
+        assert t.retry_policy.evaluate(ValueError("no module q_proj"), 1, 3).action.value == "fail"
+        assert t.retry_policy.evaluate(RuntimeError("CUDA OOM"), 1, 3).action.value == "default"
+    for t in dag.tasks:
+        if t.task_id not in GPU_TASKS:
+            assert (t.pool, t.queue) == ("default_pool", "default"), t.task_id
+        assert t.execution_timeout is not None and t.execution_timeout > timedelta(0), t.task_id
+
+
+def test_variant_tasks_are_mapped_with_readable_names(dag):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    for name in MAPPED_TASKS:
+        assert isinstance(dag.get_task(name), MappedOperator), name
+    lora = dag.get_task("lora")
+    label = lora.map_index_template.replace("task.op_kwargs['spec']", "spec")
+    from jinja2 import Template
+
+    spec = {"method": "lora", "rank": 8, "targets": "qkvo", "seed": 1}
+    assert Template(label).render(spec=spec) == "lora r=8 qkvo seed=1"
+
+
+def test_report_runs_whatever_the_variants_did_and_the_run_fails_if_one_failed(dag):
+    assert dag.get_task("report").trigger_rule == "all_done"
+    assert dag.get_task("check_variants").trigger_rule == "one_failed"
+
+
+def test_dag_run_settings(dag):
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert "loraflow" in dag.tags
+    assert "Trigger form" in dag.doc_md
+
+
+def test_params_are_the_design_names_with_descriptions(dag):
+    assert list(dag.params) == ["preset", "model", "data", "train_size", "test_size",
+                                "max_length", "epochs", "batch_size", "lora_lr", "full_lr",
+                                "ranks", "targets", "seeds", "baselines"]
+    for name, param in dag.params.items():
+        assert param.description, name
+        if name != "preset":  # every override is optional: empty keeps the preset's value
+            assert param.value is None and "null" in param.schema["type"], name
+    assert dag.params.get_param("preset").value == "cpu"
+
+
+def test_param_literals_match_tasks_config(dag):
+    dag_file = _dag_module()
+    assert set(dag_file.PRESETS) == set(tasks_config.PRESETS)
+    assert dag_file.BASELINES == tasks_config.BASELINES
+    assert dag_file.TARGET_SETS == tasks_config.TARGET_SETS
+    assert set(dag_file.ENCODER_BASELINES) < set(tasks_config.BASELINES)
+    schema = {name: p.schema for name, p in dag.params.items()}
+    assert schema["preset"]["enum"] == list(dag_file.PRESETS)
+    assert schema["baselines"]["items"]["enum"] == list(tasks_config.BASELINES)
+    for name, p in tasks_config.PRESETS.items():  # every preset's own values pass the form
+        for key in ("train_size", "test_size", "max_length", "epochs"):
+            assert schema[key]["minimum"] <= p[key] <= schema[key]["maximum"], (name, key)
+
+
+def _dag_module():
+    """The DAG file as a module, for its literals (dags/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_lora_dag_file", DAGS_DIR / f"{DAG_ID}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _validate(dag, conf: dict) -> dict:
+    """What the API server does with a trigger's conf (SerializedDAG.create_dagrun)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    return scheduler_dag.params.deep_merge(conf).validate()
+
+
+@pytest.mark.parametrize("conf", [
+    {"ranks": [0]},
+    {"ranks": [2048]},
+    {"ranks": [4, 4]},
+    {"preset": "nope"},
+    {"train_size": 0},
+    {"max_length": 1024},
+    {"lora_lr": 0},
+    {"seeds": [-1]},
+    {"baselines": ["bert_zero_shot"]},
+    {"targets": ["q_lin, v_lin"]},
+    {"epochs": "3"},
+])
+def test_trigger_conf_out_of_bounds_is_refused(dag, conf):
+    from airflow.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(conf))}"):
+        _validate(dag, conf)
+
+
+def test_trigger_conf_within_bounds_is_accepted(dag):
+    assert _validate(dag, {})["preset"] == "cpu"  # scheduled runs: the defaults
+    values = _validate(dag, {"preset": "smoke", "ranks": [1, 1024], "targets": ["qv", "q_lin,v_lin"],
+                             "seeds": [0], "baselines": ["majority"], "lora_lr": 0.001,
+                             "data": "/tmp/imdb", "train_size": None})
+    assert values["ranks"] == [1, 1024] and values["train_size"] is None
+
+
+def test_effective_config_starts_from_the_preset_and_overrides_what_was_set(dag):
+    from tasks.pipeline import config_from_params
+
+    params = _validate(dag, {"preset": "smoke", "ranks": [2, 4], "targets": [], "data": ""})
+    config = config_from_params(params)
+    assert config.preset == "smoke" and config.ranks == (2, 4)
+    assert config.targets == tasks_config.preset_config("smoke").targets
+    assert config.train_size == tasks_config.PRESETS["smoke"]["train_size"]

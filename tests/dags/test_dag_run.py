@@ -1,0 +1,87 @@
+"""The whole DAG through Airflow's `dag.test()` (every task in this process, real steps) on
+the smoke preset, shrunk further through the run conf."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SMALL = {"train_size": 64, "test_size": 32, "max_length": 32}
+
+
+def _task_states(dag_run) -> dict[tuple[str, int], str]:
+    return {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+
+
+def _metrics(run_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text())
+            for p in sorted((run_dir / "results").glob("*/metrics.json"))}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smoke_run_writes_every_variant_and_the_report(dag, airflow_db, artifacts, imdb_dir):
+    conf = {"preset": "smoke", "data": str(imdb_dir), **SMALL, "ranks": [2, 4]}
+    dag_run = dag.test(run_conf=conf)
+
+    states = _task_states(dag_run)
+    assert dag_run.state == "success", states
+    assert states[("check_variants", -1)] == "skipped"  # no variant failed
+    assert all(s in ("success", "skipped") for s in states.values()), states
+    assert sorted(i for (t, i) in states if t == "lora") == [0, 1]
+
+    run_dir = artifacts / "runs" / dag_run.run_id
+    metrics = _metrics(run_dir)
+    assert set(metrics) == {"majority", "tfidf_logreg", "seed_heuristic", "linear_probe_s42",
+                            "lora_r2_qkvo_s42", "lora_r4_qkvo_s42", "full_finetune_s42"}
+    for variant, record in metrics.items():
+        assert record["status"] == "ok", (variant, record.get("error"))
+        assert 0.0 <= record["accuracy"] <= 1.0
+    assert json.loads((run_dir / "config.json").read_text())["ranks"] == [2, 4]
+    report = artifacts.parent / "reports" / dag_run.run_id / "report.html"
+    assert report.stat().st_size > 10_000
+    assert "lora_r4_qkvo_s42" in report.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_variant_fails_once_still_gets_a_report_and_fails_the_run(
+        dag, airflow_db, artifacts, imdb_dir):
+    # `no_such_module` passes the form (a module-name list) but matches no layer of the
+    # model: a ValueError, which the retry policy fails at once instead of retrying.
+    conf = {"preset": "smoke", "data": str(imdb_dir), **SMALL, "ranks": [2],
+            "targets": ["qkvo", "no_such_module"], "baselines": ["majority"]}
+    dag_run = dag.test(run_conf=conf)
+
+    tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
+    assert dag_run.state == "failed"
+    assert (tis[("lora", 0)].state, tis[("lora", 1)].state) == ("success", "failed")
+    assert tis[("lora", 1)].try_number == 1  # not retried
+    assert tis[("full_finetune", 0)].state == "success"
+    assert tis[("report", -1)].state == "success"
+    assert tis[("check_variants", -1)].state == "failed"
+    metrics = _metrics(artifacts / "runs" / dag_run.run_id)
+    assert metrics["lora_r2_qkvo_s42"]["status"] == "ok"
+    assert metrics["lora_r2_no_such_module_s42"]["status"] == "failed"
+    assert "no_such_module" in metrics["lora_r2_no_such_module_s42"]["error"]
+    report = (artifacts.parent / "reports" / dag_run.run_id / "report.html").read_text()
+    assert "lora_r2_no_such_module_s42" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_conf_the_schema_allows_but_the_config_refuses_fails_in_prepare(
+        dag, airflow_db, artifacts, imdb_dir):
+    # `rank` (not `ranks`) passes the params schema, which allows extra keys, but
+    # ExperimentConfig refuses it: the run must stop in `prepare`, before any data step.
+    dag_run = dag.test(run_conf={"preset": "smoke", "data": str(imdb_dir), "rank": 8})
+
+    states = _task_states(dag_run)
+    assert dag_run.state == "failed"
+    assert states[("prepare", -1)] == "failed"
+    assert states[("report", -1)] == "skipped"
+    assert all(s == "upstream_failed" for (t, _), s in states.items()
+               if t not in ("prepare", "report", "check_variants")), states
+    assert not (artifacts / "runs").exists()  # nothing was written
