@@ -48,7 +48,7 @@ def _component(name: str, module: nn.Module, heads: list[str]) -> str:
             return "attention"
         if re.search(r"\.(ffn|intermediate|output)\.", f"{name}."):
             return "ffn"
-    return "other"  # e.g. BERT's pooler: pretrained, frozen in LoRA mode
+    return "other"  # outside the layers and not the head
 
 
 def _owned(model: nn.Module):

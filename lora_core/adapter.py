@@ -16,41 +16,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_core.files import atomic_dir
 from lora_core.inject import head_module_names, inject_lora, lora_layers, unwrap_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
-
-
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """A temp folder beside `target` that replaces it on success (cf. tasks.paths.atomic_dir;
-    lora_core does not import tasks)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _spec(model: nn.Module) -> dict:
@@ -109,7 +86,7 @@ def save_adapter(model: nn.Module, out_dir: Path | str, base_model: str) -> Path
     out_dir = Path(out_dir)
     # The factors are the adapter whether or not they are merged into W0 right now.
     config, state = adapter_config(model, base_model), adapter_state_dict(model)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
@@ -197,7 +174,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: Path | str) -> Path:
     tokenizer, when given, is saved beside it. Returns `out_dir`."""
     out_dir = Path(out_dir)
     plain = unwrap_lora(copy.deepcopy(model))
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -6,11 +6,14 @@ Only `nn.Linear` modules inside the encoder (`model.base_model`, e.g. `distilber
 `bert`) are candidates, so a target can never hit the classification head. For BERT the
 encoder module includes the pooler, as it does for PEFT's "all-linear".
 
-Trainable after `inject_lora`: every `lora_*` parameter plus the named head modules. The
-head defaults match PEFT's `task_type="SEQ_CLS"` (which trains `classifier`), plus
-DistilBERT's `pre_classifier`, which sits between the encoder and `classifier` and is
-freshly initialised by `DistilBertForSequenceClassification`. BERT's pooler is
-pretrained and stays frozen, exactly as PEFT leaves it, so adapters interoperate.
+Trainable after `inject_lora`: every `lora_*` parameter plus the head modules. The head
+is everything between the encoder's [CLS] state and the logits: DistilBERT's
+`pre_classifier` + `classifier`, and BERT's pooler + `classifier` (the pooler is BERT's
+`pre_classifier`: dense + tanh). Sentence encoders such as the embedded MiniLM were
+trained with mean pooling, so their pooler is a near-initial random projection; frozen, it
+starves the classifier (measured: the linear probe stayed at chance). Adapters list the
+head in PEFT's `modules_to_save`, so PEFT loads them all the same. `all-linear` leaves
+out the linear layers that belong to the head.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
     "electra": _BERT_PRESETS,
 }
 ALL_LINEAR = "all-linear"
-HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"]}  # others: ["classifier"]
+HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"],  # others: ["classifier"]
+                "bert": ["bert.pooler", "classifier"]}
 
 
 def _model_type(model: nn.Module) -> str:
@@ -109,9 +113,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """The classification head trained alongside LoRA (PEFT's SEQ_CLS `modules_to_save`)."""
+    """The classification head trained alongside LoRA (PEFT's `modules_to_save`)."""
     names = HEAD_MODULES.get(_model_type(model), ["classifier"])
     modules = dict(model.named_modules())
+    names = [n for n in names if n in modules or not n.endswith(".pooler")]  # add_pooling_layer=False
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"{type(model).__name__} has no head module(s) {missing}; "
@@ -162,6 +167,8 @@ def inject_lora(model: nn.Module, targets: str = "qkvo", rank: int = 16, alpha: 
     if unknown:  # checked before any surgery, so a bad call leaves the model untouched
         raise ValueError(f"trainable module(s) {unknown} not found in {type(model).__name__}")
     overlap = [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
+    if targets == ALL_LINEAR:  # the head is trained in full, not adapted
+        names, overlap = [n for n in names if n not in overlap], []
     if overlap:
         raise ValueError(f"targets {overlap} lie inside trainable modules {heads}")
     for name in names:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lora_core.files import atomic_dir  # noqa: F401  (re-exported: one implementation)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 _UMASK = os.umask(0)
@@ -131,24 +132,3 @@ def write_json(target: Path | str, data: Any) -> Path:
 
 def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-@contextmanager
-def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `target`; on success it replaces `target`
-    (an existing one is moved aside first, then removed), on failure it is deleted."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -35,8 +35,9 @@ def bert_closed_form(c, rank: int) -> dict[str, int]:
     d, i, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     return {"embeddings": (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * d,
             "attention": L * 4 * (d * d + d), "ffn": L * ((d * i + i) + (i * d + d)),
-            "norm": 2 * d + L * 2 * (2 * d), "other": d * d + d,  # the pooler
-            "head": d * c.num_labels + c.num_labels, "lora": L * 4 * rank * (d + d)}
+            "norm": 2 * d + L * 2 * (2 * d),
+            "head": (d * d + d) + d * c.num_labels + c.num_labels,  # pooler + classifier
+            "lora": L * 4 * rank * (d + d)}
 
 
 def assert_matches_closed_form(model: nn.Module, expected: dict[str, int]) -> dict:

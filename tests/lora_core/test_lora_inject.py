@@ -75,8 +75,8 @@ def test_bert_presets_select_attention_projections_only(targets, expected):
 def test_all_linear_covers_the_encoder_but_not_the_head():
     model = tiny_bert()
     names = inject_lora(model, "all-linear", rank=2)
-    assert len(names) == 2 * 6 + 1  # 6 linears per layer + the pooler
-    assert "bert.pooler.dense" in names and "classifier" not in names
+    assert len(names) == 2 * 6  # 6 linears per layer; the pooler is part of the head
+    assert "bert.pooler.dense" not in names and "classifier" not in names
     distil = tiny_distilbert()
     assert not {"pre_classifier", "classifier"} & set(inject_lora(distil, "all-linear", rank=2))
 
@@ -128,13 +128,14 @@ def test_trainable_parameters_are_lora_factors_and_the_named_heads():
     assert len(trainable) - len(heads) == 2 * 2 * 4  # A and B for 4 targets in 2 layers
 
 
-def test_bert_trains_only_classifier_and_keeps_pooler_frozen():
+def test_bert_head_is_pooler_plus_classifier_and_the_encoder_stays_frozen():
     model = tiny_bert()
     inject_lora(model, "qkvo", rank=2)
     heads = [n for n, p in model.named_parameters()
              if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("lora_")]
-    assert sorted(heads) == ["classifier.bias", "classifier.weight"]
-    assert not model.bert.pooler.dense.weight.requires_grad
+    assert sorted(heads) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight",
+                             "classifier.bias", "classifier.weight"]
+    assert not model.bert.encoder.layer[0].output.dense.weight.requires_grad
 
 
 def test_trainable_modules_empty_list_trains_only_lora():

@@ -16,20 +16,7 @@ from tasks.baselines import BASELINE_NAMES, run_baseline, strip_breaks
 from tasks.metrics import REQUIRED_FIELDS
 from tasks.paths import RunPaths, read_json
 from tasks.tokenize import load_split, tokenize_dataset
-
-
-def write_run_data(paths: RunPaths, sample: dict[str, pd.DataFrame]) -> None:
-    """What the download step would write: the run's data/{train,test}.parquet."""
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
-    sample["train"].to_parquet(paths.train_parquet, index=False)
-    sample["test"].to_parquet(paths.test_parquet, index=False)
-
-
-@pytest.fixture
-def run(smoke_run, imdb_sample):
-    config, paths = smoke_run  # tiny-distilbert, max_length 32
-    write_run_data(paths, imdb_sample)
-    return config, paths
+from tests.tasks.conftest import write_run_data
 
 
 def predictions(paths: RunPaths, variant: str) -> pd.DataFrame:

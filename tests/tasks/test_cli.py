@@ -19,7 +19,7 @@ def test_run_smoke_end_to_end_prints_run_and_report(tmp_path, imdb_dir):
     env = {**os.environ, "LORAFLOW_ARTIFACTS": str(tmp_path / "a"),
            "LORAFLOW_REPORTS": str(tmp_path / "r"), "LORAFLOW_PROGRESS": "0"}
     done = subprocess.run([*LORAFLOW, "run", "--preset", "smoke", "--data", str(imdb_dir),
-                           "--run-id", "cli-smoke"], env=env, capture_output=True, text=True,
+                           "--run-id", "cli-smoke"], env=env, capture_output=True, text=True, check=False,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-2:]

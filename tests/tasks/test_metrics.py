@@ -2,7 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.metrics import REQUIRED_FIELDS, classification_scores, fail_record, finish_record, new_record
+from tasks.metrics import (
+    REQUIRED_FIELDS,
+    classification_scores,
+    fail_record,
+    finish_record,
+    new_record,
+)
 from tasks.paths import read_json
 
 
@@ -21,7 +27,7 @@ def test_bootstrap_interval_narrows_with_more_examples():
     rng = np.random.default_rng(0)
     small = rng.integers(0, 2, 50)
     big = rng.integers(0, 2, 5000)
-    width = lambda x: np.diff(classification_scores(x, np.ones_like(x))["accuracy_ci95"])[0]  # noqa: E731
+    width = lambda x: np.diff(classification_scores(x, np.ones_like(x))["accuracy_ci95"])[0]
     assert width(big) < width(small) / 4
 
 

@@ -7,10 +7,9 @@ from tasks.paths import RunPaths, atomic_dir, atomic_path, read_json, write_json
 
 def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
     target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -26,10 +25,9 @@ def test_atomic_dir_replaces_whole_folder_or_nothing(tmp_path):
     target = tmp_path / "adapter"
     with atomic_dir(target) as tmp:
         (tmp / "w.bin").write_bytes(b"1")
-    with pytest.raises(ValueError):
-        with atomic_dir(target) as tmp:
-            (tmp / "w.bin").write_bytes(b"2")
-            raise ValueError("bad")
+    with pytest.raises(ValueError), atomic_dir(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"2")
+        raise ValueError("bad")
     assert (target / "w.bin").read_bytes() == b"1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 

@@ -16,22 +16,9 @@ from transformers import PreTrainedTokenizerBase
 
 import tasks.tokenize as tk
 from lora_core.models import load_tokenizer
-from tasks.paths import PROJECT_DIR, RunPaths, read_json
+from tasks.paths import PROJECT_DIR, read_json
 from tasks.pipeline import prepare_run
-
-
-def write_run_data(paths: RunPaths, sample: dict[str, pd.DataFrame]) -> None:
-    """What the download step would write: the run's data/{train,test}.parquet."""
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
-    sample["train"].to_parquet(paths.train_parquet, index=False)
-    sample["test"].to_parquet(paths.test_parquet, index=False)
-
-
-@pytest.fixture
-def run(smoke_run, imdb_sample):
-    config, paths = smoke_run  # tiny-distilbert (the real uncased vocab), max_length 32
-    write_run_data(paths, imdb_sample)
-    return config, paths
+from tests.tasks.conftest import write_run_data
 
 
 @pytest.fixture
