@@ -95,3 +95,28 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
     assert shot.stat().st_size > 50_000
     if SCREENSHOT_COPY.parent.is_dir():
         shutil.copyfile(shot, SCREENSHOT_COPY)
+
+
+def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
+    """The issue's check on real output: every step of a (shrunk) smoke run, then its report."""
+    from tasks.config import preset_config
+    from tasks.pipeline import prepare_run, run_all
+
+    sync_playwright = _browser_or_skip()
+    config = preset_config("smoke", data=str(imdb_dir), train_size=64, test_size=32, max_length=32)
+    paths = prepare_run(config, "smoke-browser", tmp_path / "artifacts", tmp_path / "reports")
+    report = run_all(config, paths)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            seen = _open(page, report.as_uri())
+            text = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "smoke.png"), full_page=True)
+        finally:
+            browser.close()
+    assert seen["errors"] == [] and seen["requests"] == []
+    for variant in ("majority", "tfidf_logreg", "seed_heuristic", "linear_probe_s42",
+                    "lora_r4_qkvo_s42", "full_finetune_s42"):
+        assert variant in text
+    assert "LoRA r=4" in text and "full fine-tuning" in text
