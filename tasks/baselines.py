@@ -97,7 +97,8 @@ def _majority(config: ExperimentConfig, paths: RunPaths, record: dict[str, Any],
     record["hyperparameters"].update(majority_label=majority, train_positive_share=share_positive)
     record.update(
         params_total=1, params_trainable=1,  # one learned number: the positive prior
-        train_seconds=train_seconds, samples_per_second=_rate(len(train), train_seconds),
+        # counting labels takes microseconds: a throughput from it would dwarf every chart
+        train_seconds=train_seconds, samples_per_second=None,
         inference_ms_per_example=1000.0 * predict_seconds / max(len(labels), 1),
         notes=(f"Predicts the most frequent training label ({majority}) for every review; "
                f"prob_positive is the training share of positives ({share_positive:.3f}). "
