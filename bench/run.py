@@ -146,6 +146,10 @@ def markdown(results: dict[str, Any]) -> str:
              (f"Machine: {results['machine']['cpu']}, {results['machine']['threads']} torch "
               f"threads, device {results['machine']['device']}; batch {BATCH} x {SEQ_LEN} tokens."),
              "",
+             ("`distilbert-base-dims` is DistilBERT-base's architecture with random weights (the hub "
+              "is out of reach); timings do not depend on weight values. Adam state = 8 bytes per "
+              "trainable parameter (two fp32 moments), computed from the counts."),
+             "",
              "## Training step (AdamW)", "",
              "| model | method | ms/step | samples/s | trainable | Adam state |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]

@@ -243,6 +243,8 @@ def fetch(url: str, target: Path, sha256: str) -> Path:
     its SHA-256 equals `sha256`."""
     from tqdm.auto import tqdm
 
+    from tasks.environment import progress_disabled
+
     plain = urllib.parse.urlsplit(url)._replace(fragment="").geturl()
     request = urllib.request.Request(plain, headers={"User-Agent": "loraflow"})
     try:
@@ -258,7 +260,8 @@ def fetch(url: str, target: Path, sha256: str) -> Path:
             raise ValueError(f"download of {plain} failed: HTTP {response.status}; expected 2xx")
         total = int(response.headers.get("Content-Length") or 0) or None
         with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=target.name, mininterval=2.0) as bar:
+                                         desc=target.name, mininterval=2.0,
+                                         disable=progress_disabled()) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 from typing import Any
@@ -42,3 +43,8 @@ def version(package: str) -> str:
 def environment() -> dict[str, Any]:
     return {"git_commit": git_commit(), "packages": {p: version(p) for p in PACKAGES},
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def progress_disabled() -> bool | None:
+    """tqdm off when LORAFLOW_PROGRESS=0; None lets tqdm switch itself off without a tty."""
+    return True if os.environ.get("LORAFLOW_PROGRESS", "1") == "0" else None

@@ -31,6 +31,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from tasks.config import ExperimentConfig
+from tasks.environment import progress_disabled
 from tasks.metrics import now_iso
 from tasks.paths import RunPaths, atomic_dir, read_json, write_json
 
@@ -85,7 +86,8 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int,
     n_special = tokenizer.num_special_tokens_to_add(pair=False)
     ids: list[list[int]] = []
     full = np.zeros(len(texts), dtype=np.int64)
-    for start in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, unit="batch", leave=False,
+                      disable=progress_disabled()):
         enc = tokenizer(texts[start:start + BATCH_SIZE], truncation=TRUNCATION,
                         max_length=max_length, return_overflowing_tokens=True,
                         return_attention_mask=False, return_token_type_ids=False)

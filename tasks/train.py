@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from tasks.config import ExperimentConfig
+from tasks.environment import progress_disabled
 from tasks.evaluate import (
     PeakMemory,
     autocast,
@@ -137,11 +137,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def progress_disabled() -> bool | None:
-    """tqdm off when LORAFLOW_PROGRESS=0; None lets tqdm switch itself off without a tty."""
-    return True if os.environ.get("LORAFLOW_PROGRESS", "1") == "0" else None
 
 
 def fit(model: torch.nn.Module, train_df: pd.DataFrame, test_df: pd.DataFrame, *, lr: float,
