@@ -311,33 +311,26 @@ def class_balance(validation: dict[str, Any] | None) -> list[dict[str, Any]]:
     return out
 
 
+def _points(history: list[Any] | None, x_key: str, y_key: str) -> tuple[list, list]:
+    """(xs, ys) of a history whose entries are numbers (x = position from 1) or dicts
+    ({x_key, y_key}, as tasks.train writes them); non-numeric entries are dropped."""
+    xs, ys = [], []
+    for i, item in enumerate(history or []):
+        x, y = (item.get(x_key, i + 1), item.get(y_key)) if isinstance(item, dict) else (i + 1, item)
+        if as_float(x) is not None and as_float(y) is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
 def training_series(variants: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """Loss per step and accuracy per epoch of each variant; entries are either numbers or
-    dicts ({"step", "loss"} and {"epoch", "accuracy"}, as tasks.train writes them)."""
+    """Loss per step and accuracy per epoch of each variant."""
     loss, evals = [], []
     for v in variants:
-        steps, values = [], []
-        for i, item in enumerate(v.get("loss_history") or []):
-            step, value = (
-                (item.get("step", i + 1), item.get("loss"))
-                if isinstance(item, dict)
-                else (i + 1, item)
-            )
-            if as_float(value) is not None and as_float(step) is not None:
-                steps.append(step)
-                values.append(value)
+        steps, values = _points(v.get("loss_history"), "step", "loss")
         if steps:
             loss.append({"variant": v["variant"], "steps": steps, "values": values})
-        epochs, accs = [], []
-        for i, item in enumerate(v.get("eval_history") or []):
-            epoch, acc = (
-                (item.get("epoch", i + 1), item.get("accuracy"))
-                if isinstance(item, dict)
-                else (i + 1, item)
-            )
-            if as_float(acc) is not None and as_float(epoch) is not None:
-                epochs.append(epoch)
-                accs.append(acc)
+        epochs, accs = _points(v.get("eval_history"), "epoch", "accuracy")
         if epochs:
             evals.append({"variant": v["variant"], "epochs": epochs, "values": accs})
     return loss, evals
