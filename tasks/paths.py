@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_core.files import atomic_dir  # noqa: F401  (re-exported: one implementation)
+from lora_core.files import _UMASK, atomic_dir  # noqa: F401  (atomic_dir re-exported)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _RUN_ID_OK = re.compile(r"^[A-Za-z0-9._+:-]+$")
 
 
