@@ -180,8 +180,10 @@ def _schedule() -> CronTriggerTimetable | None:
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[RetryRule(
     exception=ValueError, action=RetryAction.FAIL,
     reason="bad input (ValueError): a retry would fail the same way")])
+# LORAFLOW_RETRY_DELAY_S shortens the first back-off (tests and local clusters).
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("LORAFLOW_RETRY_DELAY_S", "60")))
 RETRY: dict[str, Any] = {
-    "retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": 2.0,
+    "retries": 2, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30), "retry_policy": NO_RETRY_ON_BAD_INPUT,
 }
 # Tasks that run the encoder: one GPU each (pool slots = GPUs). A training retry resumes
