@@ -31,7 +31,7 @@ BATCH = 16
 def _model(source: str):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from lora_core.models import load_classifier
+    from tasks.models import load_classifier
 
     if source == "distilbert-base-dims":  # DistilBERT-base shapes, random weights
         return DistilBertForSequenceClassification(DistilBertConfig(num_labels=2))
@@ -39,7 +39,7 @@ def _model(source: str):
 
 
 def _batch(texts: list[str], n: int) -> dict[str, torch.Tensor]:
-    from lora_core.models import load_tokenizer
+    from tasks.models import load_tokenizer
 
     tok = load_tokenizer("embedded-minilm")  # the uncased WordPiece vocab every model here uses
     enc = tok(texts[:n], truncation=True, max_length=SEQ_LEN, padding="max_length", return_tensors="pt")

@@ -3,40 +3,31 @@
 
 For one encoder (DistilBERT/BERT family) and one IMDB subset, what do cheap baselines,
 LoRA and full fine-tuning reach, at what cost? Every number in the report is measured in
-this run.
+this run; every choice (learning rate, LoRA rank and targets) is made on a validation
+subset, and the test subset is scored once per variant.
 
-```
-prepare ─► download_dataset ─► validate_dataset ─► tokenize ─┬─► baselines          (majority, tfidf_logreg)
-   │                                                         ├─► encoder_baselines  (seed_heuristic, linear_probe) [gpu pool]
-   │                                                         ├─► lora               [gpu pool; rank × target set × seed]
-   │                                                         └─► full_finetune      [gpu pool; seed]
-   └─► plan_* (the list each mapped task expands over)
-all variants ─► report          (runs even when some failed, and shows them as failed)
-             ─► check_variants  (fails the run if any variant failed; skipped otherwise)
-```
+    prepare ─► download_dataset ─► validate_dataset ─► tokenize ─┬─► cpu_variants  (methods without the encoder)
+       │                                                          └─► gpu_variants  (methods that run the encoder) [pool gpu, queue gpu]
+       └─► plan_cpu_variants, plan_gpu_variants (the lists the mapped tasks expand over)
+    all variants ─► report          (runs even when some failed, and shows them as failed)
+                 ─► check_variants  (fails the run if any variant failed; skipped otherwise)
 
-**Trigger form.** Pick a *preset* (`smoke` seconds, `cpu` laptop, `seed` notebook
-protocol, `paper` full IMDB); every other field left empty keeps the preset's value.
-Out-of-range values (rank 0, an unknown preset or baseline) are refused when you trigger;
-combinations the schema cannot express are checked by `prepare`, which fails before any
-data is touched.
+**Trigger form.** Pick a *preset*; every other field left empty keeps the preset's value.
+Out-of-range values are refused when you trigger; combinations the schema cannot express
+are checked by `prepare`, which fails before any data is touched.
 
 **Where things go.** Artifacts: `$LORAFLOW_ARTIFACTS/runs/<run_id>/` (default
-`artifacts/`); report: `$LORAFLOW_REPORTS/<run_id>/report.html` (default `reports/`).
+`artifacts/`); the report: the run's *Report* tab, or `$LORAFLOW_REPORTS/` (default
+`reports/`).
 
-**GPUs.** Every task that runs the encoder (training, and the two baselines that use
-the pretrained encoder) uses pool `gpu` (one slot per GPU) and queue `gpu`; inside, a GPU
-lease (a lock per device) guarantees that no two tasks share a GPU. Without a GPU they run
-on the CPU.
+**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (one slot per GPU)
+and queue `gpu`; inside, a GPU lease (a lock per device) keeps two tasks off one GPU.
+Without a GPU they run on the CPU.
 
-**Failures.** Download, tokenization, baselines, training and the report retry twice
-with exponential back-off, except on bad input (ValueError), which fails at once; a training retry resumes from its last epoch
-checkpoint. The report is built whatever happened to the variants and lists the failed
-ones; `check_variants` then marks the run failed.
-
-**Schedule.** `$LORAFLOW_SCHEDULE` (default `@weekly`, UTC; `none` for manual runs only)
-with the default params (`cpu` preset); the first scheduled run is the next slot after
-unpausing; no catch-up, one active run at a time.
+**Failures.** Download, tokenization, variants and the report retry twice with
+exponential back-off, except on bad input (ValueError), which fails at once; a training
+retry resumes from its last epoch checkpoint. The report is built whatever happened to
+the variants and lists the failed ones; `check_variants` then marks the run failed.
 """
 
 from __future__ import annotations
@@ -58,31 +49,47 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowSkipException
 
+# Standard library only, so parsing stays fast; the ML stack is imported in task bodies.
+from tasks import registry
+from tasks.config import (
+    DEFAULT_PRESET,
+    MAX_TOKENS,
+    PRECISIONS,
+    PRESETS,
+    TARGET_SETS,
+    preset_config,
+)
+from tasks.registry import TARGETS_PATTERN
+
 DAG_ID = "lora_imdb_experiment"
-
-# Literals, not imports: this file must parse without the ML stack, and `tasks` may be
-# imported only inside task bodies (design.md). tests/dags checks them against
-# tasks.config (PRESETS, BASELINES, TARGET_SETS) so they cannot drift.
-PRESETS = ("seed", "paper", "cpu", "smoke")
-BASELINES = ("majority", "tfidf_logreg", "linear_probe", "seed_heuristic")
-TARGET_SETS = ("qkvo", "qv", "all-linear")
-ENCODER_BASELINES = ("seed_heuristic", "linear_probe")  # run the encoder: GPU pool
-MAX_RANK = 1024
-MAX_TOKENS = 512  # BERT position embeddings
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
-
 EMPTY = " Leave empty to keep the preset's value."
+MINUTES_ON_CPU = {"smoke": "about 2 minutes", "cpu": "about 7 minutes", "seed": "hours",
+                  "paper": "days"}  # through Airflow on a 2-core machine, no GPU
+
+
+def _preset_line(name: str) -> str:
+    c = preset_config(name, data="hub")
+    return (f"{name}: {c.model}, {c.train_size:,} / {c.val_size:,} / {c.test_size:,} reviews, "
+            f"{c.max_length} tokens, {c.epochs} epoch(s), {', '.join(c.methods)}; "
+            f"{MINUTES_ON_CPU[name]} on a CPU")
+
+
+def _list(kind: str, **items: Any) -> dict[str, Any]:
+    return {"type": ["null", "array"], "uniqueItems": True, "items": {"type": kind, **items}}
+
 
 PARAMS: dict[str, Param] = {
     "preset": Param(
-        "cpu", type="string", enum=list(PRESETS), title="Preset", section="Experiment",
+        DEFAULT_PRESET, type="string", enum=list(PRESETS), title="Preset", section="Experiment",
         description="Named starting point; the fields below override single values.",
-        values_display={
-            "seed": "seed: the notebook's protocol (DistilBERT, 5,000 / 1,000, GPU)",
-            "paper": "paper: full IMDB 25,000 / 25,000, 512 tokens (GPU)",
-            "cpu": "cpu: embedded MiniLM, 2,000 / 1,000 (laptops)",
-            "smoke": "smoke: tiny random DistilBERT, 256 / 128 (tests, seconds)",
-        },
+        values_display={name: _preset_line(name) for name in PRESETS},
+    ),
+    "methods": Param(
+        None, **_list("string", enum=list(registry.METHODS)), title="Methods",
+        section="Experiment", examples=list(registry.METHODS),
+        description="Which methods run: " + "; ".join(
+            f"{m.name}: {m.description}" for m in registry.METHODS.values()) + "." + EMPTY,
     ),
     "model": Param(
         None, type=["null", "string"], title="Model", section="Experiment",
@@ -100,10 +107,17 @@ PARAMS: dict[str, Param] = {
         title="Training examples", section="Data subset",
         description=f"Rows drawn from the training split (1 to {IMDB_SPLIT_ROWS:,})." + EMPTY,
     ),
+    "val_size": Param(
+        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
+        title="Validation examples", section="Data subset",
+        description="Rows drawn from the training split, disjoint from the training rows; "
+                    "every choice is made on them." + EMPTY,
+    ),
     "test_size": Param(
         None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
         title="Test examples", section="Data subset",
-        description=f"Rows drawn from the test split (1 to {IMDB_SPLIT_ROWS:,})." + EMPTY,
+        description=f"Rows drawn from the test split (1 to {IMDB_SPLIT_ROWS:,}); scored once "
+                    "per variant." + EMPTY,
     ),
     "max_length": Param(
         None, type=["null", "integer"], minimum=8, maximum=MAX_TOKENS,
@@ -118,46 +132,38 @@ PARAMS: dict[str, Param] = {
         None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
         section="Training", description="Examples per optimizer step (1 to 1024)." + EMPTY,
     ),
+    "precision": Param(
+        None, type=["null", "string"], enum=[None, *PRECISIONS], title="Precision",
+        section="Training",
+        description="auto: bf16 autocast where the device has native bf16 (recent GPUs, "
+                    "CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs a CUDA GPU." + EMPTY,
+    ),
     "lora_lr": Param(
-        None, type=["null", "number"], exclusiveMinimum=0, exclusiveMaximum=1,
-        title="LoRA learning rate", section="Training",
-        description="AdamW learning rate for LoRA and the linear probe, in (0, 1); "
-                    "the notebook used 5e-4." + EMPTY,
+        None, **_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        title="LoRA learning rates", section="Sweep",
+        description="JSON list, e.g. [0.001, 0.002]: LoRA (and BitFit) are tuned over these, "
+                    "choosing on validation. Give full fine-tuning as many." + EMPTY,
     ),
     "full_lr": Param(
-        None, type=["null", "number"], exclusiveMinimum=0, exclusiveMaximum=1,
-        title="Full fine-tuning learning rate", section="Training",
-        description="AdamW learning rate for full fine-tuning, in (0, 1); "
-                    "the notebook used 5e-5." + EMPTY,
+        None, **_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        title="Full fine-tuning learning rates", section="Sweep",
+        description="JSON list, e.g. [0.00003, 0.00005]; as many as the LoRA list." + EMPTY,
     ),
     "ranks": Param(
-        None, type=["null", "array"], uniqueItems=True,
-        items={"type": "integer", "minimum": 1, "maximum": MAX_RANK},
-        title="LoRA ranks", section="Sweep",
-        description=f"JSON list of ranks r, each 1 to {MAX_RANK}, e.g. [4, 8, 16]. One LoRA "
-                    "task per rank × target set × seed." + EMPTY,
+        None, **_list("integer", minimum=1, maximum=1024), title="LoRA ranks", section="Sweep",
+        description="JSON list of ranks r, e.g. [4, 8, 16]. One LoRA task per rank × target "
+                    "set × learning rate × seed." + EMPTY,
     ),
     "targets": Param(
-        None, type=["null", "array"], uniqueItems=True,
-        items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$"},
-        title="LoRA target sets", section="Sweep",
+        None, **_list("string", pattern=TARGETS_PATTERN), title="LoRA target sets",
+        section="Sweep",
         description="One target set per line: " + ", ".join(TARGET_SETS)
                     + " or comma-separated module names such as q_lin,v_lin." + EMPTY,
     ),
     "seeds": Param(
-        None, type=["null", "array"], uniqueItems=True,
-        items={"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
-        title="Seeds", section="Sweep",
-        description="JSON list of training seeds (integers >= 0), e.g. [1, 2, 3]; "
-                    "each seed repeats every trained variant." + EMPTY,
-    ),
-    "baselines": Param(
-        None, type=["null", "array"], uniqueItems=True,
-        items={"type": "string", "enum": list(BASELINES)}, examples=list(BASELINES),
-        title="Baselines", section="Sweep",
-        description="Which baselines to run: majority and tfidf_logreg need no model; "
-                    "seed_heuristic and linear_probe use the pretrained encoder." + EMPTY
-                    + " The presets run all four.",
+        None, **_list("integer", minimum=0, maximum=2**31 - 1), title="Seeds", section="Sweep",
+        description="JSON list of training seeds, e.g. [1, 2, 3]; each seed repeats every "
+                    "trained configuration, and results are averaged over them." + EMPTY,
     ),
 }
 
@@ -186,28 +192,29 @@ RETRY: dict[str, Any] = {
     "retries": 2, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30), "retry_policy": NO_RETRY_ON_BAD_INPUT,
 }
-# Tasks that run the encoder: one GPU each (pool slots = GPUs). A training retry resumes
-# from the variant's last epoch checkpoint (tasks.train), so it loses at most an epoch.
+# Methods that run the encoder: one GPU each (pool slots = GPUs). A training retry resumes
+# from the variant's last epoch checkpoint, so it loses at most an epoch.
 ON_GPU: dict[str, Any] = {
     "pool": "gpu", "queue": "gpu", **RETRY, "execution_timeout": timedelta(hours=12),
 }
+VARIANT_NAME = "{{ task.op_kwargs['variant']['name'] }}"
 
 
-def _train(run_dir: str, spec: dict[str, Any]) -> str:
-    """Body of the lora and full_finetune tasks: lease a GPU (or the CPU), train one variant."""
-    from tasks.gpu import gpu_lease
+def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
+    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one."""
     from tasks.pipeline import load_run
-    from tasks.train import train_variant
+    from tasks.registry import Variant
+    from tasks.variants import run_variant
 
     config, paths = load_run(run_dir)
-    with gpu_lease() as device:
-        return str(train_variant(spec, config, paths, device=device))
+    return str(run_variant(Variant.from_dict(variant), config, paths))
 
 
 @dag(
     dag_id=DAG_ID,
     dag_display_name="LoRA vs full fine-tuning on IMDB",
-    description="Baselines, LoRA sweep and full fine-tuning of an encoder on IMDB, with a report",
+    description="Baselines, a LoRA sweep and full fine-tuning of an encoder on IMDB, chosen "
+                "on validation, with a report",
     doc_md=__doc__,
     schedule=_schedule(),
     # No start_date: with one, unpausing would start the latest past slot at once.
@@ -220,25 +227,24 @@ def _train(run_dir: str, spec: dict[str, Any]) -> str:
 def lora_imdb_experiment():
     @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
     def prepare() -> dict[str, Any]:
-        """Resolve preset + overrides (fails fast on bad combinations) and lay out the run
-        folder; returns the run folder and the variant lists the mapped tasks expand over."""
-        from tasks.pipeline import config_from_params, prepare_run
+        """Resolve preset + overrides (fails fast on bad combinations), lay out the run
+        folder, log the settings; returns the run folder and the variant lists."""
+        from tasks.pipeline import config_from_params, describe, prepare_run
 
         context = get_current_context()
         config = config_from_params(dict(context["params"]))
         run_dir = str(prepare_run(config, context["run_id"]).run_dir)
+        print(describe(config))  # the resolved settings and variants, in the task's log
         return {
             "run_dir": run_dir,
-            "baselines": [b for b in config.baselines if b not in ENCODER_BASELINES],
-            "encoder_baselines": [b for b in config.baselines if b in ENCODER_BASELINES],
-            "lora": config.lora_variants(),
-            "full_finetune": config.full_finetune_variants(),
+            "cpu": [v.to_dict() for v in config.method_variants(encoder=False)],
+            "gpu": [v.to_dict() for v in config.method_variants(encoder=True)],
         }
 
     # Airflow maps only over a task's whole return value, not over one key of it, so each
     # list the mapped tasks expand over gets its own (instant) task.
     def pick(plan: Any, kind: str) -> Any:
-        @task(task_id=f"plan_{kind}", execution_timeout=timedelta(minutes=1))
+        @task(task_id=f"plan_{kind}_variants", execution_timeout=timedelta(minutes=1))
         def select(plan: dict[str, Any]) -> list[Any]:
             return plan[kind]
 
@@ -268,35 +274,13 @@ def lora_imdb_experiment():
         tokenize_dataset(*load_run(run_dir))
         return run_dir
 
-    # majority and tfidf_logreg need no model: CPU, default pool.
-    @task(**RETRY, execution_timeout=timedelta(hours=2),
-          map_index_template="{{ task.op_kwargs['name'] }}")
-    def baselines(run_dir: str, name: str) -> str:
-        from tasks.baselines import run_baseline
-        from tasks.pipeline import load_run
+    @task(**RETRY, execution_timeout=timedelta(hours=2), map_index_template=VARIANT_NAME)
+    def cpu_variants(run_dir: str, variant: dict[str, Any]) -> str:
+        return _run_variant(run_dir, variant)
 
-        return str(run_baseline(name, *load_run(run_dir)))
-
-    # seed_heuristic (encoder forward passes) and linear_probe (trains the head) hold a GPU.
-    @task(**ON_GPU, map_index_template="{{ task.op_kwargs['name'] }}")
-    def encoder_baselines(run_dir: str, name: str) -> str:
-        from tasks.baselines import run_baseline
-        from tasks.gpu import gpu_lease
-        from tasks.pipeline import load_run
-
-        config, paths = load_run(run_dir)
-        with gpu_lease() as device:
-            return str(run_baseline(name, config, paths, device=device))
-
-    @task(**ON_GPU, map_index_template=(
-        "lora r={{ task.op_kwargs['spec']['rank'] }} {{ task.op_kwargs['spec']['targets'] }}"
-        " seed={{ task.op_kwargs['spec']['seed'] }}"))
-    def lora(run_dir: str, spec: dict[str, Any]) -> str:
-        return _train(run_dir, spec)
-
-    @task(**ON_GPU, map_index_template="full seed={{ task.op_kwargs['spec']['seed'] }}")
-    def full_finetune(run_dir: str, spec: dict[str, Any]) -> str:
-        return _train(run_dir, spec)
+    @task(**ON_GPU, map_index_template=VARIANT_NAME)
+    def gpu_variants(run_dir: str, variant: dict[str, Any]) -> str:
+        return _run_variant(run_dir, variant)
 
     # all_done: the report also shows failed variants (and says so when none succeeded).
     @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30))
@@ -317,10 +301,8 @@ def lora_imdb_experiment():
     plan = prepare()
     ready = tokenize(validate_dataset(download_dataset(plan["run_dir"])))
     variants = [
-        baselines.partial(run_dir=ready).expand(name=pick(plan, "baselines")),
-        encoder_baselines.partial(run_dir=ready).expand(name=pick(plan, "encoder_baselines")),
-        lora.partial(run_dir=ready).expand(spec=pick(plan, "lora")),
-        full_finetune.partial(run_dir=ready).expand(spec=pick(plan, "full_finetune")),
+        cpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "cpu")),
+        gpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "gpu")),
     ]
     variants >> report(plan["run_dir"])
     variants >> check_variants()

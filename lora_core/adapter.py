@@ -8,8 +8,10 @@ An adapter folder holds `adapter_config.json` (the fields of PEFT's `LoraConfig`
     base_model.model.<head>.<param>           heads listed in `modules_to_save`, saved in full
 
 so `peft.PeftModel.from_pretrained(base, folder)` loads ours and `load_adapter` loads PEFT's.
-PEFT itself is not imported here (it is a test-only dependency). Writes are atomic: the
-folder appears complete or not at all.
+PEFT itself is not imported here (it is a test-only dependency). Files are written
+straight into the folder given; a caller that needs the folder to appear complete or not
+at all writes into a temporary folder and renames it (the pipeline does:
+`tasks.paths.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_core.files import atomic_dir
 from lora_core.inject import head_module_names, inject_lora, lora_layers, unwrap_lora
 
 CONFIG_NAME = "adapter_config.json"
@@ -86,9 +87,9 @@ def save_adapter(model: nn.Module, out_dir: Path | str, base_model: str) -> Path
     out_dir = Path(out_dir)
     # The factors are the adapter whether or not they are merged into W0 right now.
     config, state = adapter_config(model, base_model), adapter_state_dict(model)
-    with atomic_dir(out_dir) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
 
 
@@ -174,8 +175,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: Path | str) -> Path:
     tokenizer, when given, is saved beside it. Returns `out_dir`."""
     out_dir = Path(out_dir)
     plain = unwrap_lora(copy.deepcopy(model))
-    with atomic_dir(out_dir) as tmp:
-        plain.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    plain.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
     return out_dir

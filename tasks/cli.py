@@ -1,53 +1,88 @@
 """`loraflow`: run the whole experiment, one step, a report or the benchmark without Airflow.
 
     loraflow run --preset smoke --data ../shared/data/imdb
-    loraflow step tokenize --run-dir artifacts/runs/<run_id>
-    loraflow step train --run-dir ... --method lora --rank 8 --targets qv --seed 1
-    loraflow report artifacts/runs/<run_id>
+    loraflow run --preset cpu --methods lora full_finetune --lora-lr 1e-3,2e-3 --full-lr 3e-5,5e-5
+    loraflow step prepare --preset cpu --run-id my-run
+    loraflow step tokenize --run-dir artifacts/runs/my-run
+    loraflow step baseline majority --run-dir artifacts/runs/my-run
+    loraflow step train --run-dir artifacts/runs/my-run --method lora --rank 8 --targets qv
+    loraflow report artifacts/runs/my-run
     loraflow presets
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from tasks.config import BASELINES, PRESETS, preset_config
+from tasks import registry
+from tasks.config import DEFAULT_PRESET, PRECISIONS, PRESETS, ExperimentConfig, preset_config
+from tasks.registry import Variant
 
-STEPS = ("prepare", "download", "validate", "tokenize", "baseline", "train", "report")
+BASELINES = [m.name for m in registry.METHODS.values() if not m.trained]
+TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _numbers(kind: type):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
+                                             f"got {text!r}") from None
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+# One flag per config field, derived from the dataclass so the CLI cannot drift from it.
+_FIELD_HELP = {
+    "model": "hub id, local HF folder, embedded-minilm or tiny-distilbert",
+    "data": "hub, an https:// URL of aclImdb_v1.tar.gz (#sha256=... unless canonical), or a "
+            "local folder",
+    "methods": f"which methods run (default: the preset's): {' '.join(registry.METHODS)}",
+    "targets": "LoRA target sets: qkvo qv all-linear, or module names such as q_lin,v_lin",
+    "lora_lr": "comma-separated learning rates for LoRA (and BitFit), e.g. 1e-3,2e-3",
+    "full_lr": "comma-separated learning rates for full fine-tuning (as many as --lora-lr)",
+    "ranks": "comma-separated LoRA ranks, e.g. 4,8,16",
+    "seeds": "comma-separated training seeds, e.g. 1,2,3",
+    "precision": "auto (bf16 where the device has it natively), fp32, bf16 or fp16 (CUDA)",
+}
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
-    p.add_argument("--model", help="hub id, local HF folder, embedded-minilm or tiny-distilbert")
-    p.add_argument("--data", help="hub, an https:// URL of aclImdb_v1.tar.gz, or a local folder")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name == "preset":
+            continue
+        flag, kwargs = "--" + f.name.replace("_", "-"), {"help": _FIELD_HELP.get(f.name)}
+        if f.name == "methods":
+            kwargs.update(nargs="+", choices=list(registry.METHODS))
+        elif f.name == "targets":
+            kwargs.update(nargs="+")
+        elif f.name == "precision":
+            kwargs.update(choices=PRECISIONS)
+        elif "tuple[float" in str(f.type):
+            kwargs.update(type=_numbers(float))
+        elif "tuple[int" in str(f.type):
+            kwargs.update(type=_numbers(int))
+        elif str(f.type) in ("int", "float"):
+            kwargs.update(type=int if str(f.type) == "int" else float)
+        p.add_argument(flag, dest=f.name, **kwargs)
+
+
+def _add_run_location(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", help="artifacts root (default $LORAFLOW_ARTIFACTS or ./artifacts)")
     p.add_argument("--reports", help="reports folder (default $LORAFLOW_REPORTS or ./reports)")
-    p.add_argument("--run-id", help="run folder name (default local__<UTC time>)")
-    p.add_argument("--train-size", type=int)
-    p.add_argument("--test-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lora-lr", type=float)
-    p.add_argument("--full-lr", type=float)
-    p.add_argument("--ranks", type=_int_list, help="comma-separated, e.g. 4,8,16")
-    p.add_argument("--targets", nargs="+", help="target sets: qkvo qv all-linear or q_lin,v_lin")
-    p.add_argument("--seeds", type=_int_list, help="comma-separated, e.g. 1,2,3")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES)
-    p.add_argument("--no-full-finetune", dest="full_finetune", action="store_false", default=None)
+    p.add_argument("--run-id", help="run folder name (default local__<UTC time>_<random>)")
 
 
-def _config_from_args(args: argparse.Namespace):
-    fields = ("model", "data", "train_size", "test_size", "max_length", "epochs", "batch_size",
-              "lora_lr", "full_lr", "ranks", "targets", "seeds", "baselines", "full_finetune")
+def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    fields = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "preset"]
     return preset_config(args.preset, **{f: getattr(args, f) for f in fields})
 
 
@@ -59,16 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the whole chain in-process, then the report")
     _add_config_options(run)
+    _add_run_location(run)
 
-    step = sub.add_parser("step", help="one step of a run")
-    step.add_argument("step", choices=STEPS)
-    step.add_argument("name", nargs="?", help="baseline name (step baseline)")
-    step.add_argument("--run-dir", help="an existing run folder (every step but prepare)")
-    step.add_argument("--method", choices=("lora", "full_finetune", "linear_probe"), default="lora")
-    step.add_argument("--rank", type=int)
-    step.add_argument("--seed", type=int)
-    step.add_argument("--target-set", dest="target_set", help="train: target set of this variant")
-    _add_config_options(step)
+    step = sub.add_parser("step", help="one step of a run").add_subparsers(dest="step",
+                                                                         required=True)
+    prepare = step.add_parser("prepare", help="create a run folder from a preset + overrides")
+    _add_config_options(prepare)
+    _add_run_location(prepare)
+    for name in ("download", "validate", "tokenize", "report"):
+        step.add_parser(name, help=f"the {name} step of a prepared run")
+    baseline = step.add_parser("baseline", help="one baseline of a prepared run")
+    baseline.add_argument("name", choices=BASELINES)
+    train = step.add_parser("train", help="one trained variant of a prepared run; the sweep "
+                            "values default to the run config's first ones")
+    train.add_argument("--method", choices=TRAINED, default="lora")
+    train.add_argument("--rank", type=int)
+    train.add_argument("--targets", help="one target set, e.g. qv or q_lin,v_lin")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--seed", type=int)
+    for name, p in step.choices.items():
+        if name != "prepare":
+            p.add_argument("--run-dir", required=True, help="a folder made by `step prepare`")
+            p.add_argument("--reports", help="reports folder (default $LORAFLOW_REPORTS)")
 
     report = sub.add_parser("report", help="rebuild the report of a run folder")
     report.add_argument("run_dir")
@@ -78,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="bench/results")
 
-    sub.add_parser("presets", help="list the presets")
+    sub.add_parser("presets", help="list the presets and the methods")
     return parser
 
 
@@ -90,7 +137,8 @@ def _run(args) -> int:
     report = run_all(config, paths)
     failed = _failed_variants(paths.results_dir)
     if failed:
-        print(f"warning: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)", file=sys.stderr)
+        print(f"warning: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)",
+              file=sys.stderr)
     print(f"run: {paths.run_dir}")
     print(f"report: {report}")
     return 1 if failed else 0
@@ -99,9 +147,25 @@ def _run(args) -> int:
 def _failed_variants(results: Path) -> list[str]:
     out = []
     for metrics in sorted(results.glob("*/metrics.json")):
-        if json.loads(metrics.read_text()).get("status") != "ok":
+        if json.loads(metrics.read_text()).get("status") not in ("ok", "not_applicable"):
             out.append(metrics.parent.name)
     return out
+
+
+def train_variant_from_args(args: argparse.Namespace, config: ExperimentConfig) -> Variant:
+    """The variant `step train` asks for: given flags, else the run config's first values;
+    a flag the method has no dimension for is refused."""
+    method = registry.method(args.method)
+    given = {"rank": args.rank, "targets": args.targets, "lr": args.lr, "seed": args.seed}
+    stray = [k for k, v in given.items() if v is not None and k not in method.dims]
+    if stray:
+        raise ValueError(f"--{', --'.join(stray)} does not apply to {method.name} (its "
+                         f"dimensions are {', '.join(method.dims)})")
+    first: dict[str, Any] = {"rank": config.ranks[0], "targets": config.targets[0],
+                             "seed": config.seeds[0],
+                             "lr": getattr(config, method.lr_field)[0]}
+    return Variant(method.name, **{d: given[d] if given[d] is not None else first[d]
+                                   for d in method.dims})
 
 
 def _step(args) -> int:
@@ -112,33 +176,26 @@ def _step(args) -> int:
                                      args.artifacts, args.reports)
         print(f"run: {paths.run_dir}")
         return 0
-    if not args.run_dir:
-        raise ValueError(f"step {args.step} needs --run-dir (a folder made by `loraflow step prepare`)")
     config, paths = pipeline.load_run(args.run_dir, args.reports)
     if args.step == "download":
-        from tasks.data import download_dataset as fn
-        out = fn(config, paths)
+        from tasks.data import download_dataset as step_fn
     elif args.step == "validate":
-        from tasks.validate import validate_dataset as fn
-        out = fn(config, paths)
+        from tasks.validate import validate_dataset as step_fn
     elif args.step == "tokenize":
-        from tasks.tokenize import tokenize_dataset as fn
-        out = fn(config, paths)
-    elif args.step == "baseline":
-        from tasks.baselines import run_baseline
-        if not args.name:
-            raise ValueError(f"step baseline needs a name: one of {', '.join(BASELINES)}")
-        out = run_baseline(args.name, config, paths)
-    elif args.step == "train":
-        from tasks.train import train_variant
-        spec = {"method": args.method, "seed": config.seeds[0] if args.seed is None else args.seed}
-        if args.method == "lora":
-            spec.update(rank=args.rank or config.ranks[0], targets=args.target_set or config.targets[0])
-        out = train_variant(spec, config, paths)
-    else:
+        from tasks.tokenize import tokenize_dataset as step_fn
+    elif args.step == "report":
         from tasks.report import build_report
-        out = build_report(paths.run_dir, paths.reports)
-    print(out)
+
+        print(f"report: {build_report(paths.run_dir, paths.reports)}")
+        return 0
+    else:
+        from tasks.variants import run_variant
+
+        variant = (Variant(args.name) if args.step == "baseline"
+                   else train_variant_from_args(args, config))
+        print(run_variant(variant, config, paths))
+        return 0
+    print(step_fn(config, paths))
     return 0
 
 
@@ -153,15 +210,19 @@ def main(argv: list[str] | None = None) -> int:
             return _step(args)
         if args.command == "report":
             from tasks.report import build_report
+
             print(f"report: {build_report(Path(args.run_dir), args.reports)}")
             return 0
         if args.command == "bench":
             from tasks.paths import PROJECT_DIR
+
             sys.path.insert(0, str(PROJECT_DIR))  # bench/ lives beside the packages, not in them
             from bench.run import main as bench_main
+
             return bench_main(["--quick"] * args.quick + ["--out", args.out])
-        for name, preset in PRESETS.items():
-            print(f"{name:6} " + json.dumps(preset))
+        for name in PRESETS:
+            print(f"{name:6} " + json.dumps(preset_config(name).to_dict()))
+        print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in registry.METHODS.values()))
         return 0
     except (ValueError, FileNotFoundError) as err:
         print(f"loraflow: error: {err}", file=sys.stderr)

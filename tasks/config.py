@@ -1,18 +1,27 @@
 """The experiment configuration: named presets plus per-run overrides.
 
-One frozen `ExperimentConfig` travels through every step and is recorded in every
-metrics file, so a result can always be traced back to the settings that produced it.
+One frozen `ExperimentConfig` travels through every step and is recorded with the run, so
+a result can always be traced back to the settings that produced it. Standard library
+only: the DAG file imports it to build its trigger form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-BASELINES = ("majority", "tfidf_logreg", "linear_probe", "seed_heuristic")
-TARGET_SETS = ("qkvo", "qv", "all-linear")  # named sets; lora_core resolves them per architecture
+from tasks import registry
+from tasks.registry import Variant
+
+TARGET_SETS = ("qkvo", "qv", "all-linear")  # named sets; lora_core resolves them per model
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_VARIANTS = 500  # per run; Airflow maps at most 1,024 task instances per task
+MAX_TOKENS = 512  # BERT's position embeddings
+DEFAULT_PRESET = "cpu"  # the DAG form, its schedule, the CLI and `make run` alike
+RANDOM_MODELS = ("tiny-distilbert",)  # random weights: runs on them check the plumbing only
 
 
 def default_data_source() -> str:
@@ -26,117 +35,158 @@ class ExperimentConfig:
     model: str  # hub id, local HF folder, `embedded-minilm` or `tiny-distilbert`
     data: str  # `hub`, an https:// URL of aclImdb_v1.tar.gz, or a local folder
     train_size: int
+    val_size: int  # drawn from the training split, disjoint from the training subset
     test_size: int
     max_length: int  # tokens per example after truncation
     epochs: int
+    methods: tuple[str, ...]  # registry names, run in registry order
     batch_size: int = 16
-    lora_lr: float = 5e-4
-    full_lr: float = 5e-5
+    lora_lr: tuple[float, ...] = (5e-4,)  # learning rates LoRA (and BitFit) are tuned over
+    full_lr: tuple[float, ...] = (5e-5,)  # ... and full fine-tuning: as many, for fairness
     ranks: tuple[int, ...] = (16,)
     targets: tuple[str, ...] = ("qkvo",)  # a TARGET_SETS name or comma-separated module names
     seeds: tuple[int, ...] = (42,)
-    baselines: tuple[str, ...] = BASELINES
+    precision: str = "auto"  # auto: bf16 autocast where the device has native bf16
     lora_alpha: float = 16.0  # scaling = alpha / r, as in the seed notebook (r=16, alpha=16)
     lora_dropout: float = 0.0
     weight_decay: float = 0.01
     warmup_steps: int = 100  # capped at 10% of the run's optimizer steps (see tasks.train)
     max_grad_norm: float = 1.0
-    data_seed: int = 42  # shuffle seed for the train/test subsets (the notebook's 42)
-    full_finetune: bool = True
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form notes
+    data_seed: int = 42  # shuffle seed of the subsets (the notebook's 42)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        need(self.preset in PRESETS or self.preset == "custom",
-             f"unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
-        for name in ("train_size", "test_size", "max_length", "epochs", "batch_size"):
+        for name, kind in _TUPLE_FIELDS.items():  # lists from JSON become tuples: hashable
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
-        need(self.max_length <= 512, f"max_length must be <= 512 (BERT positions), got {self.max_length}")
-        for name in ("lora_lr", "full_lr"):
-            value = getattr(self, name)
-            need(0 < value < 1, f"{name} must be in (0, 1), got {value!r}")
-        need(len(self.ranks) > 0, "ranks must list at least one rank")
-        for r in self.ranks:
-            need(isinstance(r, int) and 1 <= r <= 1024, f"LoRA rank must be an integer in [1, 1024], got {r!r}")
-        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        need(len(self.targets) > 0, "targets must list at least one target set")
-        for t in self.targets:
-            need(isinstance(t, str) and t.strip() != "", f"target set must be a non-empty string, got {t!r}")
-        need(len(self.seeds) > 0, "seeds must list at least one seed")
-        for s in self.seeds:
-            need(isinstance(s, int) and s >= 0, f"seed must be an integer >= 0, got {s!r}")
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        need(not unknown, f"unknown baselines {unknown}; expected a subset of {list(BASELINES)}")
+            object.__setattr__(self, name, _as_tuple(name, value, kind))
+        object.__setattr__(self, "targets",
+                           tuple(registry.normalise_targets(t) for t in self.targets))
+        _check(self)
 
     def with_overrides(self, **overrides: Any) -> ExperimentConfig:
         """A copy with the given fields replaced; `None` values mean "keep the preset's"."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
-        changes = {k: _normalise(k, v) for k, v in overrides.items() if v is not None}
-        return dataclasses.replace(self, **changes)
+        _refuse_unknown(overrides)
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
-        return cls(**{k: _normalise(k, v) for k, v in data.items()})
+        _refuse_unknown(data)
+        return cls(**data)
 
-    # --- the variants this config asks for -------------------------------------------
-    def lora_variants(self) -> list[dict[str, Any]]:
-        """One spec per rank x target set x seed (the LoRA paper's ablation as a sweep)."""
-        return [
-            {"method": "lora", "rank": r, "targets": t, "seed": s}
-            for r in self.ranks for t in self.targets for s in self.seeds
-        ]
+    def variants(self) -> list[Variant]:
+        """Every variant this config asks for, in registry order."""
+        return registry.enumerate_variants(self.methods, {
+            "rank": self.ranks, "targets": self.targets, "seed": self.seeds,
+            "lora_lr": self.lora_lr, "full_lr": self.full_lr})
 
-    def full_finetune_variants(self) -> list[dict[str, Any]]:
-        return [{"method": "full_finetune", "seed": s} for s in self.seeds] if self.full_finetune else []
-
-
-_TUPLE_FIELDS = {"ranks": int, "targets": str, "seeds": int, "baselines": str}
+    def method_variants(self, encoder: bool) -> list[Variant]:
+        """The variants whose method does (or does not) run the encoder: the DAG routes
+        the first to the GPU pool."""
+        return [v for v in self.variants() if registry.method(v.method).uses_encoder == encoder]
 
 
-def _normalise(name: str, value: Any) -> Any:
-    """Lists (from JSON or the trigger form) become tuples so the config stays hashable."""
-    if name in _TUPLE_FIELDS and value is not None:
-        if isinstance(value, (str, int)):
-            value = [value]
-        return tuple(value)
-    return value
+_TUPLE_FIELDS: dict[str, type] = {"methods": str, "lora_lr": float, "full_lr": float,
+                                  "ranks": int, "targets": str, "seeds": int}
+_BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, min, max), inclusive
+    "train_size": (int, 1, 10_000_000), "val_size": (int, 1, 10_000_000),
+    "test_size": (int, 1, 10_000_000), "max_length": (int, 8, MAX_TOKENS),
+    "epochs": (int, 1, 1000), "batch_size": (int, 1, 4096), "warmup_steps": (int, 0, 10**9),
+    "data_seed": (int, 0, 2**32 - 1), "lora_alpha": (float, 1e-9, 1e6),
+    "lora_dropout": (float, 0.0, 0.99), "weight_decay": (float, 0.0, 10.0),
+    "max_grad_norm": (float, 1e-9, 1e6),
+}
 
 
-PRESETS: dict[str, ExperimentConfig] = {}
+def _as_tuple(name: str, value: Any, kind: type) -> tuple:
+    items = [value] if isinstance(value, (str, int, float)) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    if not items:
+        raise ValueError(f"{name} must list at least one value")
+    for item in items:
+        if not _is_a(item, kind):
+            raise ValueError(f"{name} must hold {kind.__name__} values, got {item!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{name} lists a value twice: {list(items)}")
+    return tuple(float(i) if kind is float else i for i in items)
 
 
-def _preset(**kwargs: Any) -> None:
-    PRESETS[kwargs["preset"]] = kwargs  # type: ignore[assignment]
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # True is an int to Python, never a rank or a size here
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
-# The table in shared/docs/design.md; the data source is resolved at call time (env).
-_preset(preset="seed", model="distilbert-base-uncased", train_size=5000, test_size=1000,
-        max_length=128, epochs=2)
-_preset(preset="paper", model="distilbert-base-uncased", train_size=25000, test_size=25000,
-        max_length=512, epochs=3)
-# lora_lr 2e-3 on the CPU preset: in ~250 steps the notebook's 5e-4 moves MiniLM slowly
-# (measured here, 512 reviews x 2 epochs, LoRA r=16 qkvo: 0.609 then 0.703 at 5e-4).
-_preset(preset="cpu", model="embedded-minilm", train_size=2000, test_size=1000,
-        max_length=128, epochs=2, lora_lr=2e-3)
-_preset(preset="smoke", model="tiny-distilbert", train_size=256, test_size=128,
-        max_length=64, epochs=1, lora_lr=2e-3, full_lr=5e-4, ranks=(4,), warmup_steps=2)
+def _check(c: ExperimentConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(c.preset in PRESETS, f"unknown preset {c.preset!r}; expected one of {sorted(PRESETS)}")
+    for name in ("model", "data"):
+        value = getattr(c, name)
+        need(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty "
+             f"string, got {value!r}")
+    for name, (kind, low, high) in _BOUNDS.items():
+        value = getattr(c, name)
+        need(_is_a(value, kind) and low <= value <= high,
+             f"{name} must be a{'n integer' if kind is int else ' number'} in "
+             f"[{low:g}, {high:g}], got {value!r}")
+    need(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    for name in ("lora_lr", "full_lr"):
+        bad = [x for x in getattr(c, name) if not 0 < x < 1]
+        need(not bad, f"{name} values must lie in (0, 1), got {bad}")
+    bad_ranks = [r for r in c.ranks if not 1 <= r <= 1024]
+    need(not bad_ranks, f"LoRA ranks must be integers in [1, 1024], got {bad_ranks}")
+    bad_seeds = [s for s in c.seeds if not 0 <= s < 2**31]
+    need(not bad_seeds, f"seeds must be integers in [0, 2^31), got {bad_seeds}")
+    for m in c.methods:
+        registry.method(m)  # names the unknown one
+    budgets = {m.lr_field: len(getattr(c, m.lr_field)) for m in registry.METHODS.values()
+               if m.trained and m.name in c.methods}
+    need(len(set(budgets.values())) <= 1,
+         "every trained method gets the same tuning budget: give as many learning rates to "
+         f"each ({', '.join(f'{k}: {n}' for k, n in budgets.items())})")
+    n = len(c.variants())
+    need(n <= MAX_VARIANTS, f"the sweep asks for {n} variants; at most {MAX_VARIANTS} per run "
+         "(fewer ranks, target sets, learning rates or seeds)")
+
+
+def _refuse_unknown(fields: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
+
+
+# --- presets ------------------------------------------------------------------------------
+# Field values each preset sets; `methods` defaults to the registry's per-preset defaults and
+# `data` to $LORAFLOW_DATA (else the hub), both resolved when a config is made.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(model="distilbert-base-uncased", train_size=5000, val_size=500,
+                 test_size=1000, max_length=128, epochs=2),
+    "paper": dict(model="distilbert-base-uncased", train_size=25000, val_size=2500,
+                  test_size=25000, max_length=512, epochs=3),
+    # Learning rates from the validation sweep in bench/experiments/cpu_lr_sweep.md.
+    "cpu": dict(model="embedded-minilm", train_size=2000, val_size=500, test_size=1000,
+                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(5e-5,)),
+    "smoke": dict(model="tiny-distilbert", train_size=256, val_size=64, test_size=128,
+                  max_length=64, epochs=1, lora_lr=(2e-3,), full_lr=(5e-4,), ranks=(4,),
+                  warmup_steps=2),
+}
 
 
 def preset_config(name: str, **overrides: Any) -> ExperimentConfig:
     """The preset `name` with `overrides` applied (None means keep the preset's value)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    base = dict(PRESETS[name])  # type: ignore[arg-type]
-    base.setdefault("data", default_data_source())
-    return ExperimentConfig(**base).with_overrides(**overrides)
+    _refuse_unknown(overrides)
+    values = {"data": default_data_source(), "methods": registry.default_methods(name),
+              **PRESETS[name], "preset": name}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ExperimentConfig(**values)

@@ -1,15 +1,15 @@
-"""Step 1: fetch IMDB and write the run's deterministic train/test subsets.
+"""Step 1: fetch IMDB and write the run's deterministic train/validation/test subsets.
 
-Three kinds of source (`config.data`, shared/docs/design.md "Presets"):
+Three kinds of source (`config.data`):
 - `hub`: `stanfordnlp/imdb` through `datasets`;
 - an http(s) URL of the original `aclImdb_v1.tar.gz` (Maas et al., ACL 2011): streamed with a
   progress bar, SHA-256 verified, extracted safely;
 - a local folder holding `train.parquet` + `test.parquet`, or an extracted `aclImdb/`.
 
 The normalised full splits are cached once under `<artifacts>/cache/datasets/<key>/`, so a
-second run neither downloads nor extracts. Subsets follow the seed notebook,
-`dataset.shuffle(seed=42).select(range(n))`: `datasets` draws that permutation from
-`np.random.default_rng(seed)`, so the same rows come out here without `datasets`.
+second run neither downloads nor extracts. The training and test subsets are the seed
+notebook's, `dataset.shuffle(seed=42).select(range(n))`; validation takes the training
+split's next rows in the same order, so it never overlaps the training subset.
 """
 
 from __future__ import annotations
@@ -47,29 +47,39 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def download_dataset(config: ExperimentConfig, paths: RunPaths) -> dict[str, str]:
-    """Write `paths.train_parquet` / `paths.test_parquet`: the first `train_size` /
-    `test_size` rows of each full split shuffled with `config.data_seed`. Columns: text,
-    label (int64), review_id and rating where the source has them, source_index (row in
-    the full split). A source with fewer rows gives what it has; validation reports it."""
+    """Write the run's three subsets, `data/{train,validation,test}.parquet`: the training
+    split shuffled with `config.data_seed` gives the first `train_size` rows to train and
+    the next `val_size` to validation (disjoint by construction); the test split shuffled
+    the same way gives the first `test_size`. Columns: text, label (int64), review_id and
+    rating where the source has them, source_index (row in the full split)."""
     full = load_full_splits(config.data, paths.cache_dir)
+    need = {"train": config.train_size + config.val_size, "test": config.test_size}
+    for split, rows in need.items():
+        if rows > len(full[split]):
+            what = ("train_size + val_size" if split == "train" else "test_size")
+            raise ValueError(f"{what} = {rows:,} but the {split} split of {config.data!r} has "
+                             f"{len(full[split]):,} rows")
+    train_order = shuffled(len(full["train"]), config.data_seed)
+    orders = {"train": train_order[:config.train_size],
+              "validation": train_order[config.train_size:need["train"]],
+              "test": shuffled(len(full["test"]), config.data_seed)[:config.test_size]}
     written = {}
-    for split, size, target in (("train", config.train_size, paths.train_parquet),
-                                ("test", config.test_size, paths.test_parquet)):
-        subset = select_subset(full[split], size, config.data_seed)
+    for split, order in orders.items():
+        source = full["test" if split == "test" else "train"]
+        subset = source.iloc[order].reset_index(drop=True)
+        subset["source_index"] = order.astype("int64")
+        target = paths.split_parquet(split)
         with atomic_path(target) as tmp:
             subset.to_parquet(tmp, index=False)
         written[split] = str(target)
-        log.info("%s: %d of %d rows -> %s", split, len(subset), len(full[split]), target)
+        log.info("%s: %d of %d rows -> %s", split, len(subset), len(source), target)
     return written
 
 
-def select_subset(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
-    """Rows of `datasets.Dataset.shuffle(seed=seed).select(range(size))`, plus
-    `source_index` (their positions in `frame`)."""
-    order = np.random.default_rng(seed).permutation(len(frame))[:size]
-    subset = frame.iloc[order].reset_index(drop=True)
-    subset["source_index"] = order.astype("int64")
-    return subset
+def shuffled(rows: int, seed: int) -> np.ndarray:
+    """The row order of `datasets.Dataset.shuffle(seed=seed)`: `datasets` draws it from
+    `np.random.default_rng(seed).permutation`, so the subsets match the notebook's."""
+    return np.random.default_rng(seed).permutation(rows)
 
 
 # --- the full splits, cached ---------------------------------------------------------------

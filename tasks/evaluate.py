@@ -2,14 +2,15 @@
 inference latency. Also the per-batch padding that training shares.
 
 Input frames are what `tasks.tokenize.load_split` returns: `input_ids` (unpadded, with
-special tokens), `length` and `label`. Nothing here calls a tokenizer (the seed notebook
-tokenized inside every step, fault 5) and every evaluation covers the whole frame (the
-notebook looked at the first 500 test examples only).
+special tokens), `length` and `label`. Nothing here calls a tokenizer (tokens come from
+the run's cache) and every evaluation covers the whole frame (the seed notebook looked at
+the first 500 test examples only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import sys
@@ -51,20 +52,49 @@ def pad_id_of(model: torch.nn.Module) -> int:
     return int(pad) if pad is not None else 0  # masked out anyway; any valid id will do
 
 
-def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
-    """Mixed precision where the device supports it: bf16 on CUDA when available (no loss
-    scaling needed), else fp16; none on CPU (fp32 there: CPU bf16 speed depends on the
-    chip, and fp32 keeps CPU runs reproducible across machines)."""
-    if torch.device(device).type != "cuda":
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix products in hardware (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on a device; None means fp32.
+
+    `auto`: bf16 on CUDA GPUs that have it and on CPUs with native bf16, fp32 elsewhere
+    (emulated bf16 is slower than fp32). `fp16` needs CUDA: it trains with loss scaling."""
+    kind = torch.device(device).type
+    if precision == "fp32":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16":
+        if kind != "cuda":
+            raise ValueError(f"precision fp16 needs a CUDA device, got {device}")
+        return torch.float16
+    if precision == "bf16":
+        if kind == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision bf16: {device} has no bf16 support; use fp16 or auto")
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else None
 
 
-def autocast(device: str | torch.device) -> contextlib.AbstractContextManager:
-    dtype = autocast_dtype(device)
+def precision_label(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device: str | torch.device,
+             dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -82,7 +112,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 # --- predictions and scores ------------------------------------------------------------------
 
 def predict_logits(model: torch.nn.Module, frame: pd.DataFrame, batch_size: int,
-                   device: str | torch.device) -> np.ndarray:
+                   device: str | torch.device, dtype: torch.dtype | None = None) -> np.ndarray:
     """Logits (N, num_labels) float32 in the rows' original order."""
     if len(frame) == 0:
         raise ValueError("cannot evaluate on an empty frame (0 rows)")
@@ -91,7 +121,7 @@ def predict_logits(model: torch.nn.Module, frame: pd.DataFrame, batch_size: int,
     with eval_mode(model):
         for idx in sorted_batches(frame["length"].to_numpy(), batch_size):
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
-            with autocast(device):
+            with autocast(device, dtype):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             logits = logits.float().cpu().numpy()
             if out is None:
@@ -110,9 +140,9 @@ def softmax_positive(logits: np.ndarray) -> np.ndarray:
 
 
 def predict_proba(model: torch.nn.Module, frame: pd.DataFrame, batch_size: int,
-                  device: str | torch.device) -> np.ndarray:
+                  device: str | torch.device, dtype: torch.dtype | None = None) -> np.ndarray:
     """Probability of the positive class for every row of `frame`, in its order."""
-    return softmax_positive(predict_logits(model, frame, batch_size, device))
+    return softmax_positive(predict_logits(model, frame, batch_size, device, dtype))
 
 
 def scores_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -136,7 +166,8 @@ def evaluate(model: torch.nn.Module, frame: pd.DataFrame, batch_size: int,
 # --- latency -----------------------------------------------------------------------------------
 
 def measure_latency_ms(model: torch.nn.Module, frame: pd.DataFrame, device: str | torch.device,
-                       n_examples: int = 32, batch_size: int = 1, warmup_batches: int = 3) -> float:
+                       n_examples: int = 32, batch_size: int = 1, warmup_batches: int = 3,
+                       dtype: torch.dtype | None = None) -> float:
     """Milliseconds per example of a forward pass, averaged over the first `n_examples`
     rows (real lengths) in batches of `batch_size`, after `warmup_batches` untimed batches.
     CPU threads are left as they are; on CUDA the clock waits for the device."""
@@ -153,7 +184,7 @@ def measure_latency_ms(model: torch.nn.Module, frame: pd.DataFrame, device: str 
 
     def run(selection: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for ids, mask in selection:
-            with autocast(device):
+            with autocast(device, dtype):
                 model(input_ids=ids, attention_mask=mask)
         if cuda:
             torch.cuda.synchronize(device)
@@ -170,46 +201,31 @@ LATENCY_EXAMPLES = 32
 LATENCY_ROUNDS = 3
 
 
-@contextlib.contextmanager
-def without_lora(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The bare architecture: every LoRA wrapper swapped for its base nn.Linear (which, when
-    merged, holds the adapted weight), restored afterwards."""
-    from lora_core.inject import lora_layers
+def latency_fields(model: torch.nn.Module, frame: pd.DataFrame, device: str,
+                   dtype: torch.dtype | None = None, adapter: Any = None,
+                   rounds: int = LATENCY_ROUNDS) -> dict[str, Any]:
+    """Batch-1 latency per example: the median of `rounds` timings of the first 32 rows.
 
-    layers = lora_layers(model)
-    try:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer.base)
-        yield model
-    finally:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer)
-
-
-def latency_fields(model: torch.nn.Module, spec: dict[str, Any], test_df: pd.DataFrame,
-                   device: str, rounds: int = LATENCY_ROUNDS) -> dict[str, Any]:
-    """Batch-1 latency per example (median of `rounds` timings of the first 32 test rows);
-    for LoRA: unmerged, merged and the bare model (wrappers removed), merged and bare timed
-    alternately so drift in machine load hits both. `inference_ms_per_example` is the
-    deployable model's: merged for LoRA. Leaves a LoRA model merged."""
-    n = min(LATENCY_EXAMPLES, len(test_df))
+    With `adapter` (a method module with `merge(model)` and a `bare(model)` context that
+    removes the adaptation): unmerged, then merged and the bare architecture timed
+    alternately, so drift in machine load hits both; `inference_ms_per_example` is then
+    the deployable, merged model's. Leaves such a model merged."""
+    n = min(LATENCY_EXAMPLES, len(frame))
     protocol = {"batch_size": 1, "examples": n, "rounds": rounds, "statistic": "median",
-                "device": str(device)}
+                "device": str(device), "precision": precision_label(dtype)}
 
     def timed() -> float:
-        return measure_latency_ms(model, test_df, device, n)
+        return measure_latency_ms(model, frame, device, n, dtype=dtype)
 
-    if spec["method"] != "lora":
+    if adapter is None:
         median = float(np.median([timed() for _ in range(rounds)]))
         return {"inference_ms_per_example": median, "latency_protocol": protocol}
-    from lora_core.inject import merge_lora
-
     unmerged = [timed() for _ in range(rounds)]
-    merge_lora(model)
+    adapter.merge(model)
     merged, base = [], []
     for _ in range(rounds):
         merged.append(timed())
-        with without_lora(model):
+        with adapter.bare(model):
             base.append(timed())
     ms = {k: float(np.median(v)) for k, v in (("base", base), ("unmerged", unmerged),
                                                ("merged", merged))}

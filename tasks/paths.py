@@ -1,21 +1,24 @@
 """Where a run's artifacts live, and atomic writes so a killed task never leaves a file
-that looks complete (shared/docs/design.md, "Artifacts of a run")."""
+that looks complete."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_core.files import _UMASK, atomic_dir  # noqa: F401  (atomic_dir re-exported)
-
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "validation", "test")  # the run's three disjoint subsets
 _RUN_ID_OK = re.compile(r"^[A-Za-z0-9._+:-]+$")
 
 
@@ -33,6 +36,16 @@ def safe_run_id(run_id: str) -> str:
     if not run_id or not _RUN_ID_OK.match(run_id) or run_id in {".", ".."}:
         raise ValueError(f"run id {run_id!r} may hold only letters, digits and . _ + : -")
     return run_id
+
+
+def report_slug(run_id: str) -> str:
+    """The run's report folder name, safe in a URL path: the run id itself when it holds
+    only letters, digits and . _ -; else those characters kept, others turned into '-',
+    and 8 hex digits of the id's SHA-256 appended, so two run ids never share a folder."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", run_id) and run_id not in {".", ".."}:
+        return run_id
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", run_id) + "_" + digest
 
 
 @dataclass(frozen=True)
@@ -68,13 +81,22 @@ class RunPaths:
     def data_dir(self) -> Path:
         return self.run_dir / "data"
 
+    def split_parquet(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.data_dir / f"{split}.parquet"
+
     @property
     def train_parquet(self) -> Path:
-        return self.data_dir / "train.parquet"
+        return self.split_parquet("train")
+
+    @property
+    def validation_parquet(self) -> Path:
+        return self.split_parquet("validation")
 
     @property
     def test_parquet(self) -> Path:
-        return self.data_dir / "test.parquet"
+        return self.split_parquet("test")
 
     @property
     def validation_json(self) -> Path:
@@ -97,10 +119,65 @@ class RunPaths:
 
     @property
     def report_dir(self) -> Path:
-        return self.reports / self.run_id
+        return self.reports / report_slug(self.run_id)
 
 
 # --- atomic writes ------------------------------------------------------------------------
+# A file or folder appears complete or not at all: written under a temporary name beside
+# the target, flushed to disk, then renamed over it, and the parent folder flushed so the
+# rename itself survives a power loss. Permissions follow the umask (mkstemp, mkdtemp and
+# safetensors create owner-only files; a shared artifacts volume needs group access).
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+_RENAME_ATTEMPTS = 50  # concurrent writers of one target take turns at most this often
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(tmp: Path) -> None:
+    """Shared-readable permissions and everything flushed, before the rename."""
+    paths = [tmp] + (sorted(tmp.rglob("*"), reverse=True) if tmp.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~UMASK)
+        fsync_path(p)
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Rename `tmp` over `target`; a folder already there is moved aside and removed. Two
+    writers of one target may interleave: each retries until its own rename lands."""
+    for _ in range(_RENAME_ATTEMPTS):
+        try:
+            os.replace(tmp, target)  # a file, an empty folder or nothing at target: done
+            break
+        except OSError as err:
+            if not target.is_dir() or err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        aside = target.with_name(f".{target.name}.old.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(target, aside)
+        except FileNotFoundError:  # another writer moved it first: try again
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        raise OSError(f"could not install {target}: {_RENAME_ATTEMPTS} concurrent writers "
+                      "kept replacing it")
+    fsync_path(target.parent)
+
 
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
@@ -110,12 +187,28 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; readers (web servers) need more
     try:
         yield tmp_path
-        os.replace(tmp_path, target)
+        _seal(tmp_path)
+        _install(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target`
+    whole, on failure it is deleted, so a killed writer never leaves a folder that looks
+    complete. Temporary names start with '.', so globs of real entries skip them."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _seal(tmp)
+        _install(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(target: Path | str, text: str) -> Path:
@@ -129,4 +222,9 @@ def write_json(target: Path | str, data: Any) -> Path:
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON in `path`; a damaged file raises ValueError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err

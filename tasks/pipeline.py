@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ExperimentConfig, preset_config
+from tasks.config import DEFAULT_PRESET, ExperimentConfig, preset_config
 from tasks.environment import environment
 from tasks.paths import RunPaths, read_json, write_json
 
@@ -16,16 +17,31 @@ log = logging.getLogger(__name__)
 
 
 def new_run_id(prefix: str = "local") -> str:
-    return f"{prefix}__{datetime.now(UTC).strftime('%Y-%m-%dT%H-%M-%S')}"
+    """`local__2026-11-29T14-32-26.123456_3f9a1c`: microseconds and a random suffix, so
+    two runs started at the same moment never share a folder."""
+    return f"{prefix}__{datetime.now(UTC).strftime('%Y-%m-%dT%H-%M-%S.%f')}_{secrets.token_hex(3)}"
 
 
 def config_from_params(params: dict[str, Any]) -> ExperimentConfig:
     """The preset named in `params` with every other non-empty param as an override.
     Empty strings and empty lists (blank form fields) keep the preset's value."""
     params = dict(params)
-    preset = params.pop("preset", None) or "smoke"
+    preset = params.pop("preset", None) or DEFAULT_PRESET
     overrides = {k: v for k, v in params.items() if v not in (None, "", [])}
     return preset_config(preset, **overrides)
+
+
+def describe(config: ExperimentConfig) -> str:
+    """The resolved settings as a two-column table and the variants they ask for."""
+    settings = config.to_dict()
+    width = max(len(k) for k in settings)
+    lines = ["Resolved configuration:"]
+    lines += [f"  {k:<{width}}  {', '.join(map(str, v)) if isinstance(v, list) else v}"
+              for k, v in settings.items()]
+    variants = config.variants()
+    lines.append(f"{len(variants)} variant(s):")
+    lines += [f"  {v.name}" for v in variants]
+    return "\n".join(lines)
 
 
 def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | None = None,
@@ -55,15 +71,14 @@ def load_run(run_dir: Path | str, reports: Path | str | None = None) -> tuple[Ex
 def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
     """Every step in DAG order, in this process. A failing variant is recorded and the
     others go on (as in the DAG); a failing data step stops the run. Returns the report."""
-    from tasks import baselines, data, report, tokenize, train, validate
+    from tasks import data, report, tokenize, validate
+    from tasks.variants import run_variant
 
     data.download_dataset(config, paths)
     validate.validate_dataset(config, paths)
     tokenize.tokenize_dataset(config, paths)
-    for name in config.baselines:
-        _keep_going(name, baselines.run_baseline, name, config, paths)
-    for spec in config.lora_variants() + config.full_finetune_variants():
-        _keep_going(train.variant_name(spec), train.train_variant, spec, config, paths)
+    for variant in config.variants():
+        _keep_going(variant.name, run_variant, variant, config, paths)
     return report.build_report(paths.run_dir, paths.reports)
 
 

@@ -5,9 +5,9 @@
 The key hashes everything the tokens depend on: the texts and labels, the tokenizer
 (class, name, vocabulary hash), `max_length` and the truncation settings, so a second run
 with the same key never calls the tokenizer (the seed notebook tokenized inside every
-training and evaluation step, fault 5 of shared/seed/README.md).
+training and evaluation step, which cost more than some of its steps).
 
-Cache folder: `train.parquet`, `test.parquet` (`input_ids` list<int32>, `length`, `label`,
+Cache folder: one `<split>.parquet` per subset (`input_ids` list<int32>, `length`, `label`,
 rows in the order of `data/<split>.parquet`) and `meta.json`, written last: a folder is a
 cache hit only if its `meta.json` is complete and matches the parquet files. Concurrent
 builders of one key serialise on `<key>.lock`; the builder writes into a temporary folder
@@ -33,12 +33,11 @@ from tqdm.auto import tqdm
 from tasks.config import ExperimentConfig
 from tasks.environment import progress_disabled
 from tasks.metrics import now_iso
-from tasks.paths import RunPaths, atomic_dir, read_json, write_json
+from tasks.paths import SPLITS, RunPaths, atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
-CACHE_FORMAT = 1  # bump when the stored layout changes: old caches then miss
+CACHE_FORMAT = 2  # bump when the stored layout changes: old caches then miss
 TRUNCATION = "longest_first"  # the tokenizer's strategy for a single sequence
 BATCH_SIZE = 2048  # texts per tokenizer call: Rust parallelism inside, bounded memory
 HISTOGRAM_BINS = 30
@@ -171,12 +170,12 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
     """Tokenize data/{train,test}.parquet into the shared cache (or find it there) and
     write data/tokens.json: key, cache folder, tokenizer identity, length statistics and
     whether it was a cache hit."""
-    from lora_core.models import load_tokenizer, tokenizer_identity
+    from tasks.models import load_tokenizer, tokenizer_identity
 
     started = time.perf_counter()
     frames = {}
     for split in SPLITS:
-        path = paths.train_parquet if split == "train" else paths.test_parquet
+        path = paths.split_parquet(split)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the download step first")
         frames[split] = pd.read_parquet(path, columns=["text", "label"])
@@ -201,7 +200,7 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
     if hit:
         log.info("tokenization cache hit: %s", folder)
     return write_json(paths.tokens_json, {
-        "key": key, "cache_dir": str(folder), "tokenizer": meta["tokenizer"],
+        "key": key, "cache_dir": str(folder), "model": config.model, "tokenizer": meta["tokenizer"],
         "max_length": meta["max_length"], "truncation": TRUNCATION,
         "truncation_settings": meta["truncation"], "stats": meta["stats"], "cache_hit": hit,
         "rows": meta["rows"], "build_seconds": meta["build_seconds"],
@@ -224,7 +223,7 @@ def load_split(paths: RunPaths, split: str) -> pd.DataFrame:
         raise FileNotFoundError(f"tokenization cache {folder} is missing or incomplete: "
                                 "run the tokenize step again")
     frame = pd.read_parquet(folder / f"{split}.parquet", columns=["input_ids", "length", "label"])
-    data = paths.train_parquet if split == "train" else paths.test_parquet
+    data = paths.split_parquet(split)
     if data.exists() and pq.read_metadata(data).num_rows != len(frame):
         raise ValueError(f"{data} has {pq.read_metadata(data).num_rows} rows but its tokens "
                          f"have {len(frame)}: the data changed, run the tokenize step again")

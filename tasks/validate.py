@@ -1,7 +1,7 @@
-"""Step 2: validate the run's train/test subsets with Great Expectations 1.x.
+"""Step 2: validate the run's train/validation/test subsets with Great Expectations 1.x.
 
-Schema, nulls, labels, text lengths, class balance, row counts, duplicates and train/test
-overlap, as GX expectations on in-memory frames (ephemeral context: nothing is written to
+Schema, nulls, labels, text lengths, class balance, row counts, duplicates and overlap
+between the subsets, as GX expectations on in-memory frames (ephemeral context: nothing is written to
 the working directory). The summary always goes to `data/validation.json` (the report
 reads it); a failure raises `DataValidationError`, so nothing downstream runs.
 
@@ -22,15 +22,15 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import ExperimentConfig
-from tasks.paths import RunPaths, write_json
+from tasks.paths import SPLITS, RunPaths, write_json
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 100_000  # IMDB's longest review has 13,704 characters
 POSITIVE_SHARE = (0.3, 0.7)  # IMDB subsets of 16 rows and more lie in [0.46, 0.57]
 MIN_UNIQUE_TEXT_SHARE = 0.95  # IMDB: 0.992 in the full test split (199 duplicates)
-MAX_OVERLAP_SHARE = 0.05  # share of a split's rows whose text is in the other split (IMDB: 0.005)
-OVERLAP_COLUMN = "in_other_split"  # derived: True where the text also occurs in the other split
+MAX_OVERLAP_SHARE = 0.05  # share of a split's rows whose text is in another split (IMDB: 0.005)
+OVERLAP_COLUMN = "in_other_split"  # derived: True where the text also occurs in another split
 
 
 class DataValidationError(ValueError):
@@ -42,17 +42,18 @@ class DataValidationError(ValueError):
 
 
 def validate_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
-    """Validate `paths.train_parquet` and `paths.test_parquet` against the row counts that
+    """Validate the run's three subsets against the row counts that
     `config` asks for; write `paths.validation_json`; raise `DataValidationError` listing
     each failed expectation with its split, column and observed value."""
     import great_expectations as gx
 
     frames = {}
-    for split, path in (("train", paths.train_parquet), ("test", paths.test_parquet)):
+    for split in SPLITS:
+        path = paths.split_parquet(split)
         if not path.exists():
             raise ValueError(f"{path} does not exist: run download_dataset before validate_dataset")
         frames[split] = pd.read_parquet(path)
-    sizes = {"train": config.train_size, "test": config.test_size}
+    sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
 
     started = time.perf_counter()
     frames = with_overlap_column(frames)
@@ -129,14 +130,15 @@ def expectations(rows: int) -> list:
             description="duplicates: share of distinct texts"),
         gxe.ExpectColumnMeanToBeBetween(
             column=OVERLAP_COLUMN, min_value=0.0, max_value=MAX_OVERLAP_SHARE,
-            description="train/test overlap: share of texts also in the other split"),
+            description="overlap: share of texts also in another split"),
     ]
 
 
 def with_overlap_column(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Add `in_other_split` to each split: overlap is a cross-split property, computed here
-    with pandas so that a per-split GX expectation can judge it. Without a text column on
-    both sides the column is left out and its expectation fails as missing."""
+    """Add `in_other_split` to each split (its text occurs in another split): overlap is a
+    cross-split property, computed here with pandas so that a per-split GX expectation can
+    judge it. Without a text column everywhere the column is left out and its expectation
+    fails as missing."""
     if not all("text" in f.columns for f in frames.values()):
         return frames
     out = {}

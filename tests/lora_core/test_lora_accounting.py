@@ -11,7 +11,7 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 from lora_core.accounting import count_parameters, parameter_breakdown, parameter_table
 from lora_core.inject import inject_lora
-from lora_core.models import load_classifier
+from tasks.models import load_classifier
 
 
 def distilbert_base_on_meta() -> nn.Module:

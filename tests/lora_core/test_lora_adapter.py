@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lora_core.adapter import load_adapter, save_adapter, save_merged
 from lora_core.inject import inject_lora, lora_layers
-from lora_core.models import load_classifier
+from tasks.models import load_classifier
 
 TARGETS = {  # what PEFT users would write for the same q/k/v/o choice
     "tiny-distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],

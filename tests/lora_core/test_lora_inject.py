@@ -17,7 +17,7 @@ from lora_core.inject import (
     unwrap_lora,
 )
 from lora_core.layer import LoRALinear
-from lora_core.models import load_classifier
+from tasks.models import load_classifier
 
 
 def tiny_distilbert() -> nn.Module:

@@ -76,7 +76,7 @@ def test_tfidf_logreg_beats_70_percent_and_saves_a_usable_model(run, imdb_sample
 
 
 def test_seed_heuristic_scores_every_test_row_by_the_cls_sum(run):
-    from lora_core.models import load_classifier
+    from tasks.models import load_classifier
 
     config, paths = run
     tokenize_dataset(config, paths)

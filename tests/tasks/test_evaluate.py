@@ -10,7 +10,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from lora_core.inject import inject_lora, lora_layers, merge_lora
 from lora_core.layer import LoRALinear
-from lora_core.models import load_classifier, load_tokenizer
+from tasks.models import load_classifier, load_tokenizer
 from tasks.evaluate import (
     PeakMemory,
     autocast_dtype,

@@ -15,7 +15,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 import tasks.tokenize as tk
-from lora_core.models import load_tokenizer
+from tasks.models import load_tokenizer
 from tasks.paths import PROJECT_DIR, read_json
 from tasks.pipeline import prepare_run
 from tests.tasks.conftest import write_run_data
@@ -131,7 +131,7 @@ def test_incomplete_cache_is_never_a_hit(run, count_encodes, damage):
 RACER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    import lora_core.models  # heavy imports before the start line, so both start together
+    import tasks.models  # heavy imports before the start line, so both start together
     import tasks.tokenize as tk
     from tasks.pipeline import load_run
 

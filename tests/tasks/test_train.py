@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lora_core.adapter import load_adapter
 from lora_core.inject import inject_lora
-from lora_core.models import load_classifier
+from tasks.models import load_classifier
 from tasks import train
 from tasks.evaluate import predict_proba
 from tasks.metrics import REQUIRED_FIELDS

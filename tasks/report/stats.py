@@ -1,6 +1,6 @@
-"""Comparing two classifiers on one test set (shared/docs/notes.md, "Comparing two
-classifiers"): McNemar's test on the discordant pairs (Dietterich 1998) and a paired
-bootstrap of the accuracy difference (Raschka 2018, arXiv:1811.12808)."""
+"""Comparing two classifiers on one test set: McNemar's test on the discordant pairs
+(Dietterich 1998), a paired bootstrap of the accuracy difference (Raschka 2018,
+arXiv:1811.12808), and Welch's t-test across training seeds."""
 
 from __future__ import annotations
 
@@ -94,3 +94,18 @@ def paired_bootstrap(
         "a_ci95": ci(ra),
         "b_ci95": ci(rb),
     }
+
+
+def welch(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Welch's t-test (unequal variances) of the seeds' accuracies of two configurations:
+    does training noise explain the difference? Needs two seeds or more on each side."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"Welch's test needs two seeds or more per side, got {len(a)} and {len(b)}")
+    result = stats.ttest_ind(a, b, equal_var=False)
+    statistic, p = float(result.statistic), float(result.pvalue)
+    if not (np.isfinite(statistic) and np.isfinite(p)):  # no variance on either side
+        return {"statistic": None, "p_value": None, "n": [len(a), len(b)]}
+    return {"statistic": statistic, "p_value": p, "n": [len(a), len(b)]}

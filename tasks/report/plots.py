@@ -1,10 +1,11 @@
 """The report's figures: matplotlib (Agg, no pyplot state) rendered to inline SVG strings.
 
-Byte-stable on purpose (shared/docs/notes.md, "The report"): a fixed `svg.hashsalt`, no
-date in the metadata, text as <text> (not glyph paths), and every id prefixed per figure
-so several SVGs can live in one HTML page without their ids colliding.
-Every function takes plain numbers (lists of dicts) and returns an SVG string, or None
-when there is nothing to draw.
+Byte-stable on purpose, so the same stored run gives the same page: a fixed
+`svg.hashsalt`, no date in the metadata, text as <text> (not glyph paths), and every id
+prefixed per figure so several SVGs can live in one HTML page without their ids
+colliding. Colours and labels are the methods' own (tasks/registry.py), the same in every
+figure. Every function takes plain numbers (lists of dicts) and returns an SVG string, or
+None when there is nothing to draw.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import matplotlib as mpl
 import numpy as np
 from matplotlib.figure import Figure
 
-METHOD_COLORS = {
-    "baseline": "#8a8a8a",
-    "linear_probe": "#CC79A7",
-    "lora": "#0072B2",
-    "full_finetune": "#D55E00",
-}  # Okabe-Ito: readable for colour-blind readers
-METHOD_LABELS = {
-    "baseline": "baseline",
-    "linear_probe": "linear probe",
-    "lora": "LoRA",
-    "full_finetune": "full fine-tuning",
-}
+from tasks import registry
+
+UNKNOWN_COLOR = "#444444"
+LINESTYLES = ("-", "--", ":", "-.")  # several lines of one method: one style each
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def method_color(method: str) -> str:
+    m = registry.METHODS.get(method)
+    return m.color if m else UNKNOWN_COLOR
+
+
+def method_label(method: str) -> str:
+    m = registry.METHODS.get(method)
+    return m.label if m else method
+
+
 _RC = {
     "svg.hashsalt": "loraflow",
     "svg.fonttype": "none",
@@ -75,11 +80,6 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
     return fig, axes
 
 
-def _variant_colors(names: Sequence[str]) -> dict[str, Any]:
-    cmap = mpl.colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
-
-
 def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """At most MAX_POINTS points: bin means, so the curve keeps its shape."""
     if len(x) <= MAX_POINTS:
@@ -93,12 +93,12 @@ def accuracy_ci(rows: list[dict[str, Any]]) -> str | None:
     rows = [r for r in rows if r.get("accuracy") is not None]
     if not rows:
         return None
-    rows = sorted(rows, key=lambda r: (r["accuracy"], r["variant"]))
+    rows = sorted(rows, key=lambda r: (r["accuracy"], r["label"]))
     with mpl.rc_context(_RC):
         fig, ax = _figure(6.4, max(3.4, 0.9 + 0.3 * len(rows)))
         ax = ax[0, 0]
         for i, r in enumerate(rows):
-            color = METHOD_COLORS.get(r["method"], "#444444")
+            color = method_color(r["method"])
             ci = r.get("ci")
             if ci and None not in ci:
                 ax.errorbar(
@@ -113,7 +113,7 @@ def accuracy_ci(rows: list[dict[str, Any]]) -> str | None:
             else:
                 ax.plot(r["accuracy"], i, "o", color=color, markersize=5)
         ax.axvline(0.5, color="#bbbbbb", linestyle="--", linewidth=1)
-        ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
+        ax.set_yticks(range(len(rows)), [r["label"] for r in rows])
         ax.set_xlabel("test accuracy (95% bootstrap interval); dashed: chance")
         ax.grid(axis="y", visible=False)
         _method_legend(ax, {r["method"] for r in rows})
@@ -125,40 +125,45 @@ def _method_legend(ax, methods: set[str]) -> None:
     from matplotlib.lines import Line2D
 
     handles = [
-        Line2D([], [], marker="o", linestyle="", color=METHOD_COLORS[m], label=METHOD_LABELS[m])
-        for m in METHOD_COLORS
-        if m in methods
+        Line2D([], [], marker="o", linestyle="", color=m.color, label=m.label)
+        for m in registry.METHODS.values()
+        if m.name in methods
     ]
     if handles:
         ax.legend(handles=handles, **_OUTSIDE)
 
 
+def _styles(series: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(colour, linestyle) per series: the method's colour, one style per series of it."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in series:
+        k = seen.get(s["method"], 0)
+        seen[s["method"]] = k + 1
+        out.append((method_color(s["method"]), LINESTYLES[k % len(LINESTYLES)]))
+    return out
+
+
 def loss_curves(series: list[dict[str, Any]]) -> str | None:
-    """Training loss per logged step: one line per variant (faint raw, solid smoothed)."""
+    """Training loss per optimizer step, one line per variant in its method's colour: a
+    faint line for every logged step and a solid moving average when there are many."""
     series = [s for s in series if len(s["steps"]) > 0]
     if not series:
         return None
-    colors = _variant_colors([s["variant"] for s in series])
     with mpl.rc_context(_RC):
         fig, ax = _figure(6.4, 3.4)
         ax = ax[0, 0]
-        for s in series:
+        for s, (color, style) in zip(series, _styles(series)):
             x, y = _thin(np.asarray(s["steps"], float), np.asarray(s["values"], float))
-            color = colors[s["variant"]]
-            if len(y) > 30:  # noisy per-step losses: show the trend over the raw trace
+            if len(y) > 30:  # noisy per-step losses: the trend over the raw trace
                 window = max(3, len(y) // 25)
                 smooth = np.convolve(y, np.ones(window) / window, mode="valid")
-                ax.plot(x, y, color=color, alpha=0.22, linewidth=0.8)
-                ax.plot(x[window - 1 :], smooth, color=color, linewidth=1.6, label=s["variant"])
+                ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
+                ax.plot(x[window - 1 :], smooth, color=color, linewidth=1.6, linestyle=style,
+                        label=s["label"])
             else:
-                ax.plot(
-                    x,
-                    y,
-                    color=color,
-                    linewidth=1.4,
-                    marker="." if len(y) < 10 else None,
-                    label=s["variant"],
-                )
+                ax.plot(x, y, color=color, linewidth=1.4, linestyle=style,
+                        marker="." if len(y) < 10 else None, label=s["label"])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")
         ax.legend(**_OUTSIDE)
@@ -166,25 +171,18 @@ def loss_curves(series: list[dict[str, Any]]) -> str | None:
 
 
 def eval_curves(series: list[dict[str, Any]]) -> str | None:
-    """Test accuracy after each epoch, one line per trained variant."""
+    """Validation accuracy after each epoch, one line per trained variant."""
     series = [s for s in series if len(s["epochs"]) > 0]
-    if not any(len(s["epochs"]) > 1 for s in series):  # one epoch: the accuracy plot says it all
+    if not any(len(s["epochs"]) > 1 for s in series):  # one epoch: the table says it all
         return None
-    colors = _variant_colors([s["variant"] for s in series])
     with mpl.rc_context(_RC):
         fig, ax = _figure(6.4, 3.4)
         ax = ax[0, 0]
-        for s in series:
-            ax.plot(
-                s["epochs"],
-                s["values"],
-                marker="o",
-                color=colors[s["variant"]],
-                linewidth=1.4,
-                label=s["variant"],
-            )
+        for s, (color, style) in zip(series, _styles(series)):
+            ax.plot(s["epochs"], s["values"], marker="o", color=color, linestyle=style,
+                    linewidth=1.4, label=s["label"])
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("validation accuracy")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(**_OUTSIDE)
         return to_svg(fig, "eval")
@@ -201,16 +199,16 @@ def accuracy_vs_params(rows: list[dict[str, Any]]) -> str | None:
         fig, ax = _figure(6.4, 3.4)
         ax = ax[0, 0]
         # neighbours in x alternate their labels above and below, so close points stay legible
-        for i, r in enumerate(sorted(rows, key=lambda r: (r["params_trainable"], r["variant"]))):
+        for i, r in enumerate(sorted(rows, key=lambda r: (r["params_trainable"], r["label"]))):
             ax.plot(
                 r["params_trainable"],
                 r["accuracy"],
                 "o",
                 markersize=6,
-                color=METHOD_COLORS.get(r["method"], "#444444"),
+                color=method_color(r["method"]),
             )
             ax.annotate(
-                r["variant"],
+                r["label"],
                 (r["params_trainable"], r["accuracy"]),
                 fontsize=7,
                 xytext=(5, 4) if i % 2 == 0 else (5, -11),
@@ -235,7 +233,7 @@ def cost_bars(rows: list[dict[str, Any]]) -> str | None:
     ]
     if not any(r["method"] != "baseline" for r in rows):
         return None
-    rows = sorted(rows, key=lambda r: r["variant"])
+    rows = sorted(rows, key=lambda r: r["label"])
     panels = [
         ("train_seconds", 1.0, "training time (s)"),
         ("peak_memory_bytes", 1e6, "peak memory (MB)"),
@@ -244,13 +242,13 @@ def cost_bars(rows: list[dict[str, Any]]) -> str | None:
     with mpl.rc_context(_RC):
         fig, axes = _figure(6.8, max(3.4, 0.9 + 0.3 * len(rows)), ncols=len(panels))
         y = np.arange(len(rows))
-        colors = [METHOD_COLORS.get(r["method"], "#444444") for r in rows]
+        colors = [method_color(r["method"]) for r in rows]
         for i, (ax, (key, scale, label)) in enumerate(zip(axes[0], panels)):
             values = [(r.get(key) or 0) / scale for r in rows]
             ax.barh(y, values, color=colors, height=0.6)
             ax.set_xlabel(label)
             ax.grid(axis="y", visible=False)
-            ax.set_yticks(y, [r["variant"] for r in rows] if i == 0 else [])
+            ax.set_yticks(y, [r["label"] for r in rows] if i == 0 else [])
             for yi, r in zip(y, rows):
                 if r.get(key) is None:
                     ax.text(
@@ -266,36 +264,30 @@ def cost_bars(rows: list[dict[str, Any]]) -> str | None:
 
 
 def accuracy_vs_rank(rows: list[dict[str, Any]]) -> str | None:
-    """LoRA accuracy against rank, one line per target set (mean over seeds, dots per seed).
-    Only drawn when some target set was trained at more than one rank."""
-    rows = [r for r in rows if r.get("accuracy") is not None and r.get("rank") is not None]
-    by_target: dict[str, list[dict[str, Any]]] = {}
+    """LoRA validation accuracy (the selection criterion) against rank, one line per target
+    set and learning rate, mean over seeds. Drawn when some line has more than one rank."""
+    rows = [r for r in rows if r.get("validation_accuracy") is not None
+            and r.get("rank") is not None]
+    lines: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by_target.setdefault(str(r.get("targets")), []).append(r)
-    if not any(len({r["rank"] for r in rs}) > 1 for rs in by_target.values()):
+        lines.setdefault(f"{r.get('targets')}, lr {r.get('lr')}", []).append(r)
+    if not any(len({r["rank"] for r in rs}) > 1 for rs in lines.values()):
         return None
-    colors = _variant_colors(sorted(by_target))
+    color = method_color("lora")
     with mpl.rc_context(_RC):
         fig, ax = _figure(6.4, 3.4)
         ax = ax[0, 0]
-        for target in sorted(by_target):
-            rs = by_target[target]
-            ranks = sorted({r["rank"] for r in rs})
-            means = [np.mean([r["accuracy"] for r in rs if r["rank"] == k]) for k in ranks]
-            ax.plot(ranks, means, marker="o", color=colors[target], label=target)
-            ax.plot(
-                [r["rank"] for r in rs],
-                [r["accuracy"] for r in rs],
-                ".",
-                alpha=0.5,
-                color=colors[target],
-            )
+        for i, key in enumerate(sorted(lines)):
+            rs = sorted(lines[key], key=lambda r: r["rank"])
+            ax.plot([r["rank"] for r in rs], [r["validation_accuracy"] for r in rs],
+                    marker=MARKERS[i % len(MARKERS)], color=color,
+                    linestyle=LINESTYLES[i % len(LINESTYLES)], label=key)
         ax.set_xscale("log", base=2)
         all_ranks = sorted({r["rank"] for r in rows})
         ax.set_xticks(all_ranks, [str(k) for k in all_ranks])
         ax.set_xlabel("LoRA rank r (log scale)")
-        ax.set_ylabel("test accuracy")
-        ax.legend(title="target set", **_OUTSIDE)
+        ax.set_ylabel("validation accuracy (mean over seeds)")
+        ax.legend(title="targets, learning rate", **_OUTSIDE)
         return to_svg(fig, "rank")
 
 
@@ -327,7 +319,7 @@ def confusion_grid(items: list[dict[str, Any]]) -> str | None:
             ax.set_xticks([0, 1], ["neg", "pos"])
             ax.set_yticks([0, 1], ["neg", "pos"])
             ax.grid(False)
-            ax.set_title(item["variant"], fontsize=8)
+            ax.set_title(item["label"], fontsize=8)
             ax.tick_params(length=0)
         fig.supxlabel("predicted", fontsize=8)
         fig.supylabel("true label", fontsize=8)
@@ -341,7 +333,7 @@ def token_histogram(stats: dict[str, Any], max_length: int | None) -> str | None
     ]
     if not splits:
         return None
-    colors = {"train": "#0072B2", "test": "#E69F00"}
+    colors = {"train": "#0072B2", "validation": "#009E73", "test": "#E69F00"}
     with mpl.rc_context(_RC):
         fig, ax = _figure(6.4, 3.0)
         ax = ax[0, 0]
@@ -367,25 +359,24 @@ def token_histogram(stats: dict[str, Any], max_length: int | None) -> str | None
 
 
 def trend(runs: list[dict[str, Any]]) -> str | None:
-    """Best accuracy per method across runs (oldest left), so scheduled runs show drift."""
+    """Test accuracy of each method's selected configuration across runs (oldest left), so
+    scheduled runs show drift. Lines that coincide stay distinguishable by marker and style."""
     if len(runs) < 2:
         return None
     with mpl.rc_context(_RC):
         fig, ax = _figure(7.2, 3.4)
         ax = ax[0, 0]
         x = np.arange(len(runs))
-        for method, color in METHOD_COLORS.items():
-            y = [(r.get("best") or {}).get(method, {}).get("accuracy") for r in runs]
+        drawn = 0
+        for m in registry.METHODS.values():
+            y = [((r.get("selected") or {}).get(m.name) or {}).get("accuracy") for r in runs]
             if any(v is not None for v in y):
-                ax.plot(
-                    x,
-                    [np.nan if v is None else v for v in y],
-                    marker="o",
-                    color=color,
-                    label=METHOD_LABELS[method],
-                )
-        labels = [r["run_id"] if len(r["run_id"]) <= 22 else r["run_id"][:21] + "…" for r in runs]
-        ax.set_xticks(x, labels, rotation=30, ha="right")
-        ax.set_ylabel("best test accuracy")
+                ax.plot(x, [np.nan if v is None else v for v in y], color=m.color,
+                        marker=MARKERS[drawn % len(MARKERS)], markersize=7 - drawn % 3,
+                        linestyle=LINESTYLES[drawn % len(LINESTYLES)], label=m.label)
+                drawn += 1
+        ax.set_xticks(x, [r.get("when") or r["run_id"][-12:] for r in runs], rotation=30,
+                      ha="right")
+        ax.set_ylabel("test accuracy (selected configuration)")
         ax.legend(**_OUTSIDE)
         return to_svg(fig, "trend")
