@@ -73,6 +73,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("full_finetune", "trained", "full fine-tuning", "#D55E00", True,
            "every weight of the encoder and the head trained",
            lr_field="full_lr", dims=("lr", "seed"), artifact="checkpoint"),
+    Method("bitfit", "trained", "BitFit", "#E69F00", True,
+           "only the bias terms and the head trained (Ben Zaken et al. 2022)",
+           lr_field="lora_lr", dims=("lr", "seed"), artifact="bitfit", presets=("smoke",)),
 )}
 
 
