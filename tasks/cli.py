@@ -22,6 +22,7 @@ from typing import Any
 
 from tasks import registry
 from tasks.config import DEFAULT_PRESET, PRECISIONS, PRESETS, ExperimentConfig, preset_config
+from tasks.paths import InUse, exclusive
 from tasks.registry import Variant
 
 BASELINES = [m.name for m in registry.METHODS.values() if not m.trained]
@@ -130,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    from tasks.paths import exclusive
     from tasks.pipeline import new_run_id, prepare_run, run_all
 
     config = _config_from_args(args)
     paths = prepare_run(config, args.run_id or new_run_id(), args.artifacts, args.reports)
-    report = run_all(config, paths)
+    with exclusive(paths.run_dir / ".lock", f"run {paths.run_id}"):
+        report = run_all(config, paths)
     failed = _failed_variants(paths.results_dir)
     if failed:
         print(f"warning: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)",
@@ -177,6 +180,11 @@ def _step(args) -> int:
         print(f"run: {paths.run_dir}")
         return 0
     config, paths = pipeline.load_run(args.run_dir, args.reports)
+    with exclusive(paths.run_dir / ".lock", f"run {paths.run_id}"):
+        return _one_step(args, config, paths)
+
+
+def _one_step(args, config: ExperimentConfig, paths) -> int:
     if args.step == "download":
         from tasks.data import download_dataset as step_fn
     elif args.step == "validate":
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:6} " + json.dumps(preset_config(name).to_dict()))
         print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in registry.METHODS.values()))
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, InUse) as err:
         print(f"loraflow: error: {err}", file=sys.stderr)
         return 2
 

@@ -52,7 +52,12 @@ def download_dataset(config: ExperimentConfig, paths: RunPaths) -> dict[str, str
     the next `val_size` to validation (disjoint by construction); the test split shuffled
     the same way gives the first `test_size`. Columns: text, label (int64), review_id and
     rating where the source has them, source_index (row in the full split)."""
-    full = load_full_splits(config.data, paths.cache_dir)
+    try:
+        full = load_full_splits(config.data, paths.cache_dir)
+    except UnreadableData as err:
+        from tasks.validate import refuse_unreadable
+
+        refuse_unreadable(paths, str(err))  # validation.json says why, then it raises
     need = {"train": config.train_size + config.val_size, "test": config.test_size}
     for split, rows in need.items():
         if rows > len(full[split]):
@@ -89,8 +94,8 @@ def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
     from filelock import FileLock
 
     kind, resolved = parse_source(source)
-    key = cache_key(kind, resolved)
-    folder = Path(cache_dir) / "datasets" / key
+    folder = source_folder(source, cache_dir)
+    key = folder.name
     folder.parent.mkdir(parents=True, exist_ok=True)
     # One process fetches; a concurrent run with the same source waits, then reads.
     with FileLock(str(folder.parent / f"{key}.lock")):
@@ -112,6 +117,38 @@ def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
                 "created_at": datetime.now(UTC).isoformat()})
     log.info("data cached: %s", folder)
     return frames
+
+
+def source_folder(source: str, cache_dir: Path) -> Path:
+    """Where the normalised full splits of `source` are cached (and their validation)."""
+    return Path(cache_dir) / "datasets" / cache_key(*parse_source(source))
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    """A Parquet file as a frame; text that is not valid UTF-8 raises UnreadableData naming
+    the file, the column and the first bad row (pandas would fail later, naming none)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    try:
+        table.validate(full=True)  # checks every string value's UTF-8
+    except pa.ArrowInvalid as err:
+        for name in table.column_names:
+            column = table.column(name)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                for row, value in enumerate(column.cast(pa.binary()).to_pylist()):
+                    try:
+                        value is None or value.decode("utf-8")
+                    except UnicodeDecodeError as bad:
+                        raise UnreadableData(f"{path}: column {name!r}, row {row}: not valid "
+                                             f"UTF-8 ({bad.reason} at byte {bad.start})") from None
+        raise UnreadableData(f"{path}: {err}") from None
+    return table.to_pandas()
+
+
+class UnreadableData(ValueError):
+    """A source file whose text cannot be decoded."""
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -179,7 +216,7 @@ def _load_local(folder: Path) -> dict[str, pd.DataFrame]:
         if missing:
             raise ValueError(f"data folder {folder} lacks {missing}; expected both "
                              "train.parquet and test.parquet")
-        return {s: pd.read_parquet(p) for s, p in parquet.items()}
+        return {s: read_parquet(p) for s, p in parquet.items()}
     root = _aclimdb_root(folder)
     if root is None:
         found = sorted(p.name for p in folder.iterdir())[:10]
@@ -212,7 +249,12 @@ def read_aclimdb(root: Path) -> dict[str, pd.DataFrame]:
                     raise ValueError(f"unexpected file {f}; aclImdb reviews are named "
                                      "<id>_<rating>.txt")
                 # bytes, not read_text: universal newlines would alter the original text
-                rows.append((f.read_bytes().decode("utf-8"), label, int(match[1]), int(match[2])))
+                try:
+                    text = f.read_bytes().decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise UnreadableData(f"{f}: not valid UTF-8 ({bad.reason} at byte "
+                                         f"{bad.start})") from None
+                rows.append((text, label, int(match[1]), int(match[2])))
         frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype(
             {"label": "int64", "review_id": "int32", "rating": "int8"})
         frames[split] = frame.sort_values(["label", "review_id"], ignore_index=True)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -73,6 +75,30 @@ def load_classifier(source: str, num_labels: int = 2, seed: int = 0) -> PreTrain
         id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
     )
     return model.eval()
+
+
+def load_config(source: str, num_labels: int = 2) -> PretrainedConfig:
+    """The model's configuration alone (no weights): enough to check targets and ranks.
+    A source that is neither a local folder, a known name nor a reachable hub model is a
+    ValueError with one line saying so."""
+    if source == TINY_DISTILBERT:
+        return tiny_distilbert_config()
+    name, local = resolve_source(source)
+    try:
+        return AutoConfig.from_pretrained(name, num_labels=num_labels, local_files_only=local)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model {source!r} not found: not a local folder with config.json, "
+                         f"not embedded-minilm or tiny-distilbert, and the hub says: {first}"
+                         ) from None
+
+
+def skeleton(source: str) -> PreTrainedModel:
+    """The sequence classifier's modules on the meta device: names and shapes, no memory,
+    no download of weights."""
+    config = load_config(source)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:

@@ -4,9 +4,11 @@ that looks complete."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -120,6 +122,32 @@ class RunPaths:
     @property
     def report_dir(self) -> Path:
         return self.reports / report_slug(self.run_id)
+
+
+# --- ownership -----------------------------------------------------------------------------
+
+class InUse(RuntimeError):
+    """Another process owns this run or variant right now."""
+
+
+@contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Own `what` for the block, or raise InUse at once if another process does. An OS
+    lock (flock), so it dies with its holder: a retry after a crash proceeds."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(lock_file).read_text().strip() or "another process"
+            raise InUse(f"{what} is in use by {holder} (lock {lock_file}); wait for it to "
+                        "finish or use another run id") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {platform.node()}".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- atomic writes ------------------------------------------------------------------------

@@ -48,7 +48,10 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
                 reports: Path | str | None = None) -> RunPaths:
     """Create the run folder and store the effective config; re-running keeps the first
     config unless it differs, which is an error (a run id names one experiment)."""
+    from tasks import preflight
+
     paths = RunPaths.for_run(run_id, artifacts, reports)
+    preflight.check(config)  # before anything is written: a bad run leaves nothing behind
     if paths.config_json.exists():
         stored = ExperimentConfig.from_dict(read_json(paths.config_json))
         if stored != config:

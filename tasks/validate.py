@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import ExperimentConfig
-from tasks.paths import SPLITS, RunPaths, write_json
+from tasks.paths import SPLITS, RunPaths, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ MAX_TEXT_CHARS = 100_000  # IMDB's longest review has 13,704 characters
 POSITIVE_SHARE = (0.3, 0.7)  # IMDB subsets of 16 rows and more lie in [0.46, 0.57]
 MIN_UNIQUE_TEXT_SHARE = 0.95  # IMDB: 0.992 in the full test split (199 duplicates)
 MAX_OVERLAP_SHARE = 0.05  # share of a split's rows whose text is in another split (IMDB: 0.005)
+SOURCE_SUITE_VERSION = 1  # bump when source_expectations changes: cached results then expire
+TEXT_TYPE_COLUMN = "text_is_str"  # derived: True where the text is a str
 OVERLAP_COLUMN = "in_other_split"  # derived: True where the text also occurs in another split
 
 
@@ -42,9 +44,10 @@ class DataValidationError(ValueError):
 
 
 def validate_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
-    """Validate the run's three subsets against the row counts that
-    `config` asks for; write `paths.validation_json`; raise `DataValidationError` listing
-    each failed expectation with its split, column and observed value."""
+    """Validate the full source splits (once per source: cached beside them) and the run's
+    three subsets against the row counts that `config` asks for; write
+    `paths.validation_json`; raise `DataValidationError` listing each failed expectation
+    with its split, column and observed value."""
     import great_expectations as gx
 
     frames = {}
@@ -56,23 +59,11 @@ def validate_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
     sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
 
     started = time.perf_counter()
-    frames = with_overlap_column(frames)
-    context = _ephemeral_context()
-    source = context.data_sources.add_pandas("imdb")
-    entries, gx_statistics = [], {}
-    for split, frame in frames.items():
-        batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe(split)
-        suite = context.suites.add(
-            gx.ExpectationSuite(name=split, expectations=expectations(sizes[split])))
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=split, data=batch, suite=suite))
-        result = definition.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
-        order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX reorders results
-        ordered = sorted(result.results,
-                         key=lambda r: order.get(r.expectation_config.id, len(order)))
-        entries += [_entry(split, r, frame.columns) for r in ordered]
-        gx_statistics[split] = _jsonable(result.statistics)
+    source = validate_source(config, paths)
+    frames = with_derived_columns(frames)
+    entries, gx_statistics = run_suites(frames, {s: expectations(n) for s, n in sizes.items()})
     seconds = time.perf_counter() - started
+    entries = source["expectations"] + entries
 
     success = all(e["success"] for e in entries)
     summary = {
@@ -80,6 +71,7 @@ def validate_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
         "rows": {split: len(frame) for split, frame in frames.items()},
         "class_balance": {split: _label_counts(frame) for split, frame in frames.items()},
         "expectations": entries,
+        "source": {k: v for k, v in source.items() if k != "expectations"},
         "statistics": {
             **{split: _split_statistics(frame) for split, frame in frames.items()},
             "gx": gx_statistics,
@@ -91,16 +83,101 @@ def validate_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
         "validated_at": datetime.now(UTC).isoformat(),
         "gx_version": gx.__version__,
     }
+    return _conclude(summary, paths)
+
+
+def _conclude(summary: dict[str, Any], paths: RunPaths) -> Path:
+    """Write validation.json; raise DataValidationError if an expectation failed."""
     write_json(paths.validation_json, summary)
-    log.info("validation %s in %.2f s: %s", "passed" if success else "FAILED", seconds,
+    entries = summary["expectations"]
+    log.info("validation %s: %s", "passed" if summary["success"] else "FAILED",
              paths.validation_json)
-    if not success:
+    if not summary["success"]:
         failures = [e for e in entries if not e["success"]]
         lines = "\n".join(f"  - {_describe(e)}" for e in failures)
         raise DataValidationError(
             f"data validation failed: {len(failures)} of {len(entries)} expectations "
             f"(details in {paths.validation_json}):\n{lines}", failures)
     return paths.validation_json
+
+
+def refuse_unreadable(paths: RunPaths, problem: str) -> None:
+    """Data that cannot even be read (e.g. invalid UTF-8): recorded in validation.json like
+    a failed expectation, then DataValidationError."""
+    entry = {"split": "source", "expectation": "readable_text", "column": None, "kwargs": {},
+             "description": "the source files decode as UTF-8 text", "success": False,
+             "observed_value": problem, "unexpected_count": None, "unexpected_percent": None,
+             "exception": problem}
+    _conclude({"success": False, "rows": {}, "class_balance": {}, "expectations": [entry],
+               "validated_at": datetime.now(UTC).isoformat()}, paths)
+
+
+def validate_source(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any]:
+    """The full source splits against a suite of their own (schema, text type, labels,
+    balance, duplicates): a fault the drawn subsets happen to miss still stops the run.
+    The result is cached beside the normalised splits, so each source is checked once."""
+    from tasks.data import source_folder
+
+    folder = source_folder(config.data, paths.cache_dir)
+    if not all((folder / f"{s}.parquet").exists() for s in ("train", "test")):
+        return {"success": True, "expectations": [], "skipped": f"no full splits in {folder}: "
+                "the subsets were not written by the download step"}
+    cached = folder / f"validation-{SOURCE_SUITE_VERSION}.json"
+    if cached.exists():
+        result = read_json(cached)
+        return {**result, "cached": True}
+    frames = with_derived_columns(
+        {f"source {s}": pd.read_parquet(folder / f"{s}.parquet") for s in ("train", "test")})
+    entries, _ = run_suites(frames, {s: source_expectations() for s in frames})
+    result = {"success": all(e["success"] for e in entries), "expectations": entries,
+              "rows": {s: len(f) for s, f in frames.items()}, "folder": str(folder)}
+    write_json(cached, result)
+    return {**result, "cached": False}
+
+
+def run_suites(frames: dict[str, pd.DataFrame],
+               suites: dict[str, list]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each frame against its suite (GX, in memory): entries in suite order, statistics."""
+    import great_expectations as gx
+
+    context = _ephemeral_context()
+    source = context.data_sources.add_pandas("imdb")
+    entries, statistics = [], {}
+    for split, frame in frames.items():
+        batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe(split)
+        suite = context.suites.add(gx.ExpectationSuite(name=split, expectations=suites[split]))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=split, data=batch, suite=suite))
+        result = definition.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
+        order = {e.id: i for i, e in enumerate(suite.expectations)}  # GX reorders results
+        ordered = sorted(result.results,
+                         key=lambda r: order.get(r.expectation_config.id, len(order)))
+        entries += [_entry(split, r, frame.columns) for r in ordered]
+        statistics[split] = _jsonable(result.statistics)
+    return entries, statistics
+
+
+def source_expectations() -> list:
+    """The full splits' suite: what a subset can miss (duplicates, balance, types)."""
+    import great_expectations.expectations as gxe
+
+    low, high = POSITIVE_SHARE
+    return [
+        gxe.ExpectColumnToExist(column="text", description="schema: text column"),
+        gxe.ExpectColumnToExist(column="label", description="schema: label column"),
+        gxe.ExpectColumnValuesToNotBeNull(column="text", description="no missing texts"),
+        gxe.ExpectColumnValuesToBeInSet(column=TEXT_TYPE_COLUMN, value_set=[True],
+                                        description="texts are strings, not bytes or numbers"),
+        gxe.ExpectColumnValuesToBeOfType(column="label", type_="int64",
+                                         description="labels are int64"),
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1],
+                                        description="labels in {0, 1}"),
+        gxe.ExpectColumnMeanToBeBetween(column="label", min_value=low, max_value=high,
+                                        description="class balance: share of positives"),
+        gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
+            column="text", min_value=MIN_UNIQUE_TEXT_SHARE, max_value=1.0,
+            description="duplicates: share of distinct texts"),
+    ]
 
 
 def expectations(rows: int) -> list:
@@ -114,6 +191,8 @@ def expectations(rows: int) -> list:
         gxe.ExpectTableRowCountToEqual(value=rows, description="as many rows as requested"),
         gxe.ExpectColumnValuesToNotBeNull(column="text", description="no missing texts"),
         gxe.ExpectColumnValuesToNotBeNull(column="label", description="no missing labels"),
+        gxe.ExpectColumnValuesToBeInSet(column=TEXT_TYPE_COLUMN, value_set=[True],
+                                        description="texts are strings, not bytes or numbers"),
         gxe.ExpectColumnValuesToBeOfType(column="label", type_="int64",
                                          description="labels are int64"),
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1],
@@ -134,17 +213,19 @@ def expectations(rows: int) -> list:
     ]
 
 
-def with_overlap_column(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Add `in_other_split` to each split (its text occurs in another split): overlap is a
-    cross-split property, computed here with pandas so that a per-split GX expectation can
-    judge it. Without a text column everywhere the column is left out and its expectation
-    fails as missing."""
+def with_derived_columns(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Columns computed with pandas so that per-split GX expectations can judge them:
+    `text_is_str` (a bytes or numeric "text" is no review) and `in_other_split` (its text
+    occurs in another split: overlap is a cross-split property). Without a text column
+    everywhere they are left out, and their expectations fail as missing."""
     if not all("text" in f.columns for f in frames.values()):
         return frames
     out = {}
     for split, frame in frames.items():
         other = pd.concat([f["text"] for s, f in frames.items() if s != split]).dropna()
-        out[split] = frame.assign(**{OVERLAP_COLUMN: frame["text"].isin(set(other))})
+        is_str = frame["text"].map(lambda t: isinstance(t, str))
+        out[split] = frame.assign(**{TEXT_TYPE_COLUMN: is_str,
+                                     OVERLAP_COLUMN: frame["text"].isin(set(other))})
     return out
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from tasks import registry
 from tasks.config import ExperimentConfig
 from tasks.metrics import MetricsRecord
-from tasks.paths import RunPaths
+from tasks.paths import RunPaths, exclusive
 from tasks.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,14 @@ def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
                 device: str | None = None) -> Path:
     """Run `variant` on the run's data and write its results; returns its metrics.json."""
     method = registry.method(variant.method)
+    # one process per variant: a second one (a task Airflow thought lost, a CLI run beside
+    # a DAG run) would overwrite this one's checkpoints and results
+    with exclusive(paths.results_dir / f".{variant.name}.lock", f"variant {variant.name}"):
+        return _run(variant, method, config, paths, device)
+
+
+def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
+         paths: RunPaths, device: str | None) -> Path:
     record = MetricsRecord.start(variant, config.model, config.preset)
     try:
         module = importlib.import_module(method.module)

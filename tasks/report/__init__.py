@@ -21,6 +21,7 @@ from markupsafe import Markup
 from tasks import registry
 from tasks.paths import read_json, report_slug, safe_run_id, write_json, write_text
 from tasks.paths import reports_root as default_reports_root
+from tasks.registry import Variant
 from tasks.report import plots
 from tasks.report.compute import (
     Configuration,
@@ -79,18 +80,25 @@ def _draw(title: str, caption: str, plot, *args: Any, wide: bool = False) -> dic
     return figure | {"svg": Markup(svg)} if svg else None
 
 
+def _label(name: str) -> str:
+    try:
+        return Variant.parse(name).label()
+    except ValueError:
+        return name
+
+
 def _figures(run: StoredRun, configs: list[Configuration]) -> list[dict[str, Any]]:
     ok_rows = [c.row for c in configs if c.row["n"] > 0]
     seed_rows = [row for c in configs for row in (c.seed_rows or [c.row]) if row["n"] > 0]
     chosen = [c for c in configs if c.selected]
-    labels = {row["variants"][0]: row["label"] for c in configs
-              for row in (c.seed_rows or [c.row])}
+    labels = {r.variant: _label(r.variant) for r in run.records}
     curves = [r for c in chosen if registry.METHODS.get(c.method)
               and registry.method(c.method).trained for r in c.ok]
     loss, evals = training_series(curves, labels)
     confusion = [{"label": labels.get(r.variant, r.variant), "matrix": r.confusion_matrix}
                  for c in chosen for r in c.ok[:1]]
-    with_ci = [{**r, "ci": [r["accuracy_ci_low"], r["accuracy_ci_high"]]} for r in seed_rows]
+    with_ci = [{**r, "label": labels.get(r["variants"][0], r["label"]),
+                "ci": [r["accuracy_ci_low"], r["accuracy_ci_high"]]} for r in seed_rows]
     figures = [
         _draw("Test accuracy with 95% intervals",
               "Every successful variant; bootstrap over test reviews (test-set noise only).",

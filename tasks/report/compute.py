@@ -110,7 +110,8 @@ class Configuration:
 
     def __post_init__(self) -> None:
         self.row = aggregate(self.records)
-        self.seed_rows = [aggregate([r]) for r in self.records] if len(self.records) > 1 else []
+        self.seed_rows = [aggregate([r]) | {"label": f"seed {r.seed}"} for r in self.records
+                          ] if len(self.records) > 1 else []
 
     @property
     def ok(self) -> list[MetricsRecord]:
@@ -143,6 +144,7 @@ def select(configs: list[Configuration]) -> dict[str, Configuration]:
             chosen[c.method] = c
     for c in chosen.values():
         c.selected = True
+        c.row["choice"] = sum(1 for o in configs if o.method == c.method) > 1
     return chosen
 
 
@@ -262,7 +264,8 @@ def headline(run: StoredRun, configs: list[Configuration],
 
     targets = [c for c in (lora, full) if c]
     for m, c in chosen.items():
-        if registry.method(m).trained or m in ("majority",) or not targets:
+        # the notebook heuristic is no classifier: the majority sentence covers it
+        if registry.method(m).trained or m in ("majority", "seed_heuristic") or not targets:
             continue
         beaten = [t for t in targets if c.row["accuracy"] > t.row["accuracy"]]
         if beaten:

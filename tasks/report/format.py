@@ -136,10 +136,9 @@ def _accuracy_detail(row: dict[str, Any]) -> str | None:
 def _latency_detail(row: dict[str, Any]) -> str | None:
     if row.get("latency_unmerged_ms") is None:
         return None
-    parts = [f"merged {fmt_ms(row.get('latency_merged_ms'))}",
-             f"unmerged {fmt_ms(row.get('latency_unmerged_ms'))}"]
+    parts = [f"unmerged {fmt_ms(row.get('latency_unmerged_ms'))}"]
     if row.get("latency_base_ms") is not None:
-        parts.append(f"base model {fmt_ms(row['latency_base_ms'])}")
+        parts.append(f"base {fmt_ms(row['latency_base_ms'])}")
     return " · ".join(parts)
 
 
@@ -147,13 +146,13 @@ COLUMNS = (
     Column("Configuration", ("name", "method", "label"), lambda r: r["label"],
            lambda r: r["method_label"], numeric=False),
     Column("Seeds", ("n", "n_total", "seeds"), lambda r: f"{r['n']}/{r['n_total']}"),
-    Column("Validation accuracy", ("validation_accuracy", "validation_sd"),
+    Column("Validation acc.", ("validation_accuracy", "validation_sd"),
            lambda r: fmt_acc(r.get("validation_accuracy")),
            lambda r: fmt_sd(r.get("validation_sd")) if r.get("n", 0) > 1 else None),
-    Column("Test accuracy", ("accuracy", "accuracy_sd", "accuracy_ci_low", "accuracy_ci_high"),
+    Column("Test acc.", ("accuracy", "accuracy_sd", "accuracy_ci_low", "accuracy_ci_high"),
            lambda r: fmt_acc(r.get("accuracy")), _accuracy_detail),
     Column("Test F1", ("f1",), lambda r: fmt_float(r.get("f1"))),
-    Column("Trainable params", ("params_trainable", "params_total", "trainable_share"),
+    Column("Trainable", ("params_trainable", "params_total", "trainable_share"),
            lambda r: fmt_int(r.get("params_trainable")),
            lambda r: (f"{fmt_pct(r['trainable_share'])} of {fmt_int(r.get('params_total'))}"
                       if r.get("trainable_share") is not None else None)),
@@ -163,7 +162,7 @@ COLUMNS = (
                       if r.get("seconds_per_step") is not None else None)),
     Column("Peak memory", ("peak_memory_bytes",), lambda r: fmt_bytes(r.get("peak_memory_bytes"))),
     Column("Artifact", ("artifact_bytes",), lambda r: fmt_bytes(r.get("artifact_bytes"))),
-    Column("Inference / example", ("inference_ms_per_example", "latency_merged_ms",
+    Column("Latency / example", ("inference_ms_per_example", "latency_merged_ms",
                                    "latency_unmerged_ms", "latency_base_ms"),
            lambda r: fmt_ms(r.get("inference_ms_per_example")), _latency_detail),
     Column("Status", ("status", "error", "reason"), lambda r: r["status"], numeric=False),
