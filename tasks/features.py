@@ -32,7 +32,7 @@ def model_file(model_source: str, filename: str) -> str | None:
     when the hub is reachable); None when the source has no such file or it is unreachable."""
     from transformers.utils import cached_file
 
-    from lora_core.models import resolve_source
+    from tasks.models import resolve_source
 
     name, local = resolve_source(model_source)
     return cached_file(name, filename, local_files_only=local,
@@ -45,7 +45,7 @@ def sentence_transformers_pooling(model_source: str) -> Pooling | None:
     module's folder, whose `config.json` sets `pooling_mode_*`); None when the source is not
     a sentence-transformers model. A declared mode other than mean or [CLS] (max, weighted
     mean, ...) is a ValueError: silently using another pooling would misrepresent it."""
-    from lora_core.models import TINY_DISTILBERT
+    from tasks.models import TINY_DISTILBERT
 
     if model_source == TINY_DISTILBERT:  # tokenizer-only alias of the MiniLM folder
         return None
@@ -96,7 +96,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
 
 
 def encode(encoder: torch.nn.Module, frame: pd.DataFrame, pooling: Pooling,
-           device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+           device: str | torch.device = "cpu", batch_size: int = 64,
+           dtype: torch.dtype | None = None) -> np.ndarray:
     """Pooled last hidden states (N, H) float32, rows in `frame` order.
 
     Args:
@@ -106,6 +107,7 @@ def encode(encoder: torch.nn.Module, frame: pd.DataFrame, pooling: Pooling,
         frame: token frame with `input_ids` and `length`.
         pooling: "mean" (mask-aware) or "cls" (position 0), see `pooling_for`.
         batch_size: rows per forward pass; batches are sorted by length to cut padding.
+        dtype: autocast dtype (None: fp32), see `tasks.evaluate.autocast_dtype`.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
@@ -119,7 +121,7 @@ def encode(encoder: torch.nn.Module, frame: pd.DataFrame, pooling: Pooling,
         for idx in sorted_batches(frame["length"].to_numpy(), batch_size):
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
             ids, mask = ids.to(device), mask.to(device)
-            with autocast(device):
+            with autocast(device, dtype):
                 hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = pool(hidden.float(), mask, pooling).cpu().numpy()  # (B, H)
             if out is None:

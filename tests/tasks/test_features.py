@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from lora_core.models import load_tokenizer
 from tasks.features import encode, mean_pool, pooling_for, token_frame
+from tasks.models import load_tokenizer
 
 
 def tiny_bert() -> BertModel:

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_core.models import load_tokenizer
 from tasks.features import token_frame
-from tasks.linear_probe import fit_probe, linear_probe
+from tasks.methods.linear_probe import fit_probe, linear_probe
+from tasks.models import load_tokenizer
 
 
 def toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-import tasks.zero_shot as zs
-from lora_core.models import load_tokenizer
-from tasks.zero_shot import (
+import tasks.methods.zero_shot as zs
+from tasks.methods.zero_shot import (
     CLOZE_ALTERNATIVES,
     EMBEDDING_ALTERNATIVES,
     Cloze,
@@ -22,6 +21,7 @@ from tasks.zero_shot import (
     similarity_probabilities,
     zero_shot_mode,
 )
+from tasks.models import load_tokenizer
 
 
 def tiny_mlm(kind: str) -> torch.nn.Module:

@@ -13,8 +13,8 @@ Two modes, by what the pretrained model can do without a task head:
   the sequence fits `max_length`.
 
 A few prompt alternatives are fixed below; `choose_and_score` picks one by validation
-accuracy and scores the test texts once with it (design.md, "prompt choice: validation
-only"). The seed notebook's "zero-shot" (`seed_heuristic` in tasks.baselines) is not this:
+accuracy and scores the test texts once with it: the prompt is a choice, and choices are
+made on validation only. The seed notebook's "zero-shot" (`seed_heuristic`) is not this:
 it thresholds the summed [CLS] state of the encoder and is not a classifier.
 """
 
@@ -24,12 +24,15 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from tasks.evaluate import autocast, eval_mode, pad_batch, sorted_batches
+
+if TYPE_CHECKING:
+    from tasks.variants import Job, Predictions
 
 Mode = Literal["embedding", "cloze"]
 TEMPERATURE = 0.05  # 1 / the MultipleNegativesRankingLoss scale (20) of sentence-transformers
@@ -64,6 +67,7 @@ class ZeroShotResult:
     mode: Mode
     chosen: str  # the alternative picked on validation
     validation_accuracy: dict[str, float]  # every alternative, in the order tried
+    prob_validation: np.ndarray  # validation texts with `chosen`, in their order
     prob_positive: np.ndarray  # test texts, in their order, scored once with `chosen`
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # model loading excluded
@@ -87,8 +91,8 @@ def zero_shot_mode(model_source: str) -> tuple[Mode | None, str]:
     encoder; `architectures` with ForMaskedLM/ForPreTraining mean an MLM head; a hub id of
     model_type distilbert/bert without `architectures` is taken as its pretrained base
     checkpoint, which ships that head. Anything else has no zero-shot reading."""
-    from lora_core.models import TINY_DISTILBERT, resolve_source
     from tasks.features import sentence_transformers_pooling
+    from tasks.models import TINY_DISTILBERT, resolve_source
 
     if model_source == TINY_DISTILBERT:
         return None, ("random weights: tiny-distilbert is an untrained plumbing model, so any "
@@ -112,7 +116,7 @@ def load_zero_shot_model(model_source: str, mode: Mode) -> torch.nn.Module:
     """The bare encoder (embedding) or the masked LM (cloze) of `model_source`, in eval mode."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
-    from lora_core.models import resolve_source
+    from tasks.models import resolve_source
 
     name, local = resolve_source(model_source)
     loader = {"embedding": AutoModel, "cloze": AutoModelForMaskedLM}.get(mode)
@@ -129,12 +133,13 @@ def clean(text: str) -> str:
 # --- embedding mode -------------------------------------------------------------------------------
 
 def embed(encoder: torch.nn.Module, tokenizer: Any, texts: list[str], pooling: str,
-          max_length: int, device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+          max_length: int, device: str | torch.device = "cpu", batch_size: int = 64,
+          dtype: torch.dtype | None = None) -> np.ndarray:
     """L2-normalised pooled embeddings (N, H) of `texts`, each truncated to `max_length`."""
     from tasks.features import encode, token_frame
 
     frame = token_frame(tokenizer, [clean(t) for t in texts], max_length)
-    vectors = encode(encoder, frame, pooling, device, batch_size)  # type: ignore[arg-type]
+    vectors = encode(encoder, frame, pooling, device, batch_size, dtype)  # type: ignore[arg-type]
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
 
 
@@ -204,7 +209,7 @@ def cloze_inputs(tokenizer: Any, texts: list[str], template: str,
 
 def cloze_probabilities(model: torch.nn.Module, tokenizer: Any, texts: list[str], cloze: Cloze,
                         max_length: int, device: str | torch.device = "cpu",
-                        batch_size: int = 16) -> np.ndarray:
+                        batch_size: int = 16, dtype: torch.dtype | None = None) -> np.ndarray:
     """P(positive) per text: softmax over the logits of the two label words at the mask.
     Batches are small by default: the MLM head returns (B, T, vocab) logits."""
     word_ids = [label_word_id(tokenizer, cloze.negative), label_word_id(tokenizer, cloze.positive)]
@@ -214,7 +219,7 @@ def cloze_probabilities(model: torch.nn.Module, tokenizer: Any, texts: list[str]
     with eval_mode(model):
         for idx in sorted_batches([len(r) for r in ids_col], batch_size):
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
-            with autocast(device):
+            with autocast(device, dtype):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             at_mask = logits[torch.arange(len(idx)), torch.as_tensor(positions[idx])]  # (B, V)
             pair = at_mask[:, word_ids].double()  # (B, 2): negative, positive
@@ -227,12 +232,13 @@ def cloze_probabilities(model: torch.nn.Module, tokenizer: Any, texts: list[str]
 def choose_and_score(model_source: str, validation_texts: list[str],
                      validation_labels: np.ndarray, test_texts: list[str], *,
                      max_length: int = 128, device: str | torch.device = "cpu",
-                     batch_size: int | None = None) -> ZeroShotResult:
+                     batch_size: int | None = None,
+                     dtype: torch.dtype | None = None) -> ZeroShotResult:
     """Score every fixed alternative of the model's mode on the validation texts, pick the
     most accurate (ties: the first listed), then score the test texts once with it.
     Test labels are never an input. ValueError when the model has no zero-shot mode."""
-    from lora_core.models import load_tokenizer
     from tasks.features import pooling_for
+    from tasks.models import load_tokenizer
 
     mode, reason = zero_shot_mode(model_source)
     if mode is None:
@@ -245,6 +251,7 @@ def choose_and_score(model_source: str, validation_texts: list[str],
     model = load_zero_shot_model(model_source, mode).to(device)
     started = time.perf_counter()
     accuracy: dict[str, float] = {}
+    val_prob: dict[str, np.ndarray] = {}
     hyper: dict[str, Any] = {"mode": mode, "mode_reason": reason, "max_length": max_length,
                              "selection": "validation accuracy"}
     if mode == "embedding":
@@ -252,13 +259,13 @@ def choose_and_score(model_source: str, validation_texts: list[str],
         batch = batch_size or 64
 
         def vectors(texts: list[str]) -> np.ndarray:
-            return embed(model, tokenizer, texts, pooling, max_length, device, batch)
+            return embed(model, tokenizer, texts, pooling, max_length, device, batch, dtype)
 
         val = vectors(validation_texts)
         described = {n: vectors(list(pair)) for n, pair in EMBEDDING_ALTERNATIVES.items()}
         for name, pair in described.items():
-            prob = similarity_probabilities(val, pair)
-            accuracy[name] = float(((prob >= 0.5) == labels).mean())
+            val_prob[name] = similarity_probabilities(val, pair)
+            accuracy[name] = float(((val_prob[name] >= 0.5) == labels).mean())
         chosen = max(accuracy, key=accuracy.__getitem__)  # first of the best on ties
         prob_test = similarity_probabilities(vectors(test_texts), described[chosen])
         hyper.update(pooling=pooling, temperature=TEMPERATURE, normalised=True,
@@ -268,18 +275,52 @@ def choose_and_score(model_source: str, validation_texts: list[str],
     else:
         batch = batch_size or 16
         for name, cloze in CLOZE_ALTERNATIVES.items():
-            prob = cloze_probabilities(model, tokenizer, validation_texts, cloze, max_length,
-                                       device, batch)
-            accuracy[name] = float(((prob >= 0.5) == labels).mean())
+            val_prob[name] = cloze_probabilities(model, tokenizer, validation_texts, cloze,
+                                                 max_length, device, batch, dtype)
+            accuracy[name] = float(((val_prob[name] >= 0.5) == labels).mean())
         chosen = max(accuracy, key=accuracy.__getitem__)
         pick = CLOZE_ALTERNATIVES[chosen]
         prob_test = cloze_probabilities(model, tokenizer, test_texts, pick, max_length, device,
-                                        batch)
+                                        batch, dtype)
         hyper.update(template=pick.template, label_words=[pick.negative, pick.positive],
                      truncation="review cut at its end; prompt kept whole",
                      alternatives={n: [c.template, c.negative, c.positive]
                                    for n, c in CLOZE_ALTERNATIVES.items()})
     hyper.update(chosen=chosen, validation_accuracy=accuracy, batch_size=batch,
                  validation_examples=len(labels))
-    return ZeroShotResult(mode, chosen, accuracy, prob_test, hyper,
+    return ZeroShotResult(mode, chosen, accuracy, val_prob[chosen], prob_test, hyper,
                           time.perf_counter() - started)
+
+
+def predict(job: Job) -> Predictions:
+    """The method's entry point: not applicable without a zero-shot reading of the model."""
+    import pandas as pd
+
+    from tasks.evaluate import PeakMemory, autocast_dtype
+    from tasks.variants import NotApplicable, Predictions
+
+    mode, reason = zero_shot_mode(job.config.model)
+    if mode is None:
+        raise NotApplicable(reason)
+    frames = {s: pd.read_parquet(job.paths.split_parquet(s), columns=["text", "label"])
+              for s in ("validation", "test")}
+    with PeakMemory(job.device) as memory:
+        result = choose_and_score(job.config.model, frames["validation"]["text"].tolist(),
+                                  frames["validation"]["label"].to_numpy(),
+                                  frames["test"]["text"].tolist(),
+                                  max_length=job.config.max_length, device=job.device,
+                                  dtype=autocast_dtype(job.config.precision, job.device))
+    record = job.record
+    record.hyperparameters.update(result.hyperparameters)
+    record.params_trainable = 0
+    record.eval_seconds = result.seconds
+    record.peak_memory_bytes, record.peak_memory_kind = memory.peak_bytes, memory.kind
+    scored = len(frames["test"]) + len(frames["validation"]) * len(result.validation_accuracy)
+    record.details["inference_batch_ms_per_example"] = 1000.0 * result.seconds / scored
+    record.details["chosen"] = result.chosen
+    what = ("the review's embedding against one description per label"
+            if result.mode == "embedding" else "a cloze prompt's label words")
+    record.notes = (f"No IMDB labels used for training: {what} (alternative "
+                    f"'{result.chosen}', chosen by validation accuracy among "
+                    f"{len(result.validation_accuracy)}).")
+    return Predictions(result.prob_validation, result.prob_positive)

@@ -7,19 +7,22 @@ chosen by stratified k-fold cross-validation on the TRAIN features only. Validat
 test features are only transformed and scored, after the choice; the test subset can
 therefore change no choice (tested with a poisoned test set).
 
-Unlike `linear_probe` in tasks.train (the classifier head trained by SGD through the
-frozen [CLS] -> BERT pooler path), this is a convex fit with no learning rate to tune, and
-the pooling matches the encoder (mean for the embedded MiniLM, whose pooler is untrained).
+A convex fit with no learning rate to tune, and the pooling matches the encoder (mean for
+the embedded MiniLM, whose BERT pooler is untrained; [CLS] for DistilBERT and BERT).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    from tasks.variants import Job, Predictions
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)  # inverse L2 strength; standardised
 # features of a few hundred dimensions want strong regularisation on small data (measured:
@@ -67,7 +70,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=MAX_ITER))
     search = GridSearchCV(model, {"logisticregression__C": list(c_grid)}, scoring="accuracy",
                           cv=StratifiedKFold(folds, shuffle=True, random_state=seed), refit=True)
-    # one BLAS thread: small dense fits, and other tasks share the cores (tasks.baselines)
+    # one BLAS thread: small dense fits gain nothing from more, and other tasks share the cores
     with threadpool_limits(limits=1):
         started = time.perf_counter()
         search.fit(train_x, y)
@@ -89,19 +92,48 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, validation_x: np.ndarray
 def linear_probe(model_source: str, train: pd.DataFrame, validation: pd.DataFrame,
                  test: pd.DataFrame, *, device: str | torch.device = "cpu",
                  batch_size: int = 64, c_grid: tuple[float, ...] = C_GRID,
-                 folds: int = CV_FOLDS, seed: int = 0) -> ProbeResult:
+                 folds: int = CV_FOLDS, seed: int = 0,
+                 dtype: torch.dtype | None = None) -> ProbeResult:
     """Encode the three token frames with the frozen encoder of `model_source` (pooling by
     `pooling_for`), then `fit_probe`. Only `train` needs a `label` column."""
-    from lora_core.models import load_classifier
     from tasks.features import encode, pooling_for
+    from tasks.models import load_classifier
 
     pooling = pooling_for(model_source)
     encoder = load_classifier(model_source, seed=seed).base_model.to(device)
     started = time.perf_counter()
-    x = {name: encode(encoder, frame, pooling, device, batch_size)
+    x = {name: encode(encoder, frame, pooling, device, batch_size, dtype)
          for name, frame in (("train", train), ("validation", validation), ("test", test))}
     encode_seconds = time.perf_counter() - started
     result = fit_probe(x["train"], train["label"].to_numpy(), x["validation"], x["test"],
                        c_grid=c_grid, folds=folds, seed=seed)
     result.encode_seconds, result.pooling = encode_seconds, pooling
     return result
+
+
+def predict(job: Job) -> Predictions:
+    """The method's entry point: encode the run's three subsets and fit the probe."""
+    from tasks.evaluate import PeakMemory, autocast_dtype
+    from tasks.tokenize import load_split
+    from tasks.variants import Predictions
+
+    frames = {s: load_split(job.paths, s) for s in ("train", "validation", "test")}
+    with PeakMemory(job.device) as memory:
+        result = linear_probe(job.config.model, frames["train"], frames["validation"],
+                              frames["test"], device=job.device,
+                              dtype=autocast_dtype(job.config.precision, job.device))
+    record = job.record
+    record.hyperparameters.update(features=f"frozen encoder, {result.pooling} pooling",
+                                  C=result.C, C_grid=list(C_GRID), cv_folds=CV_FOLDS,
+                                  standardised=True, solver="lbfgs")
+    record.details.update(cv_accuracy=result.cv_accuracy,
+                          cv_accuracy_by_C={str(c): a for c, a in result.cv_accuracy_by_C.items()},
+                          encode_seconds=result.encode_seconds)
+    record.params_trainable = result.params
+    record.train_seconds = result.encode_seconds + result.fit_seconds
+    record.peak_memory_bytes, record.peak_memory_kind = memory.peak_bytes, memory.kind
+    record.notes = (f"Logistic regression on the frozen encoder's {result.pooling}-pooled "
+                    f"features; C = {result.C:g} chosen by {CV_FOLDS}-fold cross-validation on "
+                    "the training subset. Train time covers encoding all three subsets and "
+                    "the search.")
+    return Predictions(result.prob_validation, result.prob_test)
