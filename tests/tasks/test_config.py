@@ -28,8 +28,8 @@ def test_presets_match_the_design_table():
             seed.targets, seed.warmup_steps, seed.weight_decay, seed.seeds) == (
         16, (16,), 16.0, (5e-4,), (5e-5,), ("qkvo",), 100, 0.01, (42,))
     paper = preset_config("paper")
-    assert (paper.train_size, paper.test_size, paper.max_length, paper.epochs) == (25000, 25000,
-                                                                                   512, 3)
+    assert (paper.train_size, paper.val_size, paper.test_size, paper.max_length,
+            paper.epochs) == (22500, 2500, 25000, 512, 3)  # train + validation: all of train
     cpu = preset_config("cpu")
     assert (cpu.model, cpu.train_size, cpu.test_size, cpu.max_length) == ("embedded-minilm", 2000,
                                                                            1000, 128)
@@ -40,6 +40,14 @@ def test_presets_match_the_design_table():
     assert set(PRESETS) == {"seed", "paper", "cpu", "smoke"} and DEFAULT_PRESET == "cpu"
     for name in PRESETS:
         assert preset_config(name).precision == "auto"
+
+
+def test_every_preset_fits_imdbs_splits():
+    """Validation is drawn from IMDB's 25,000 training reviews, beside the training subset."""
+    for name in PRESETS:
+        config = preset_config(name)
+        assert config.train_size + config.val_size <= 25_000, name
+        assert config.test_size <= 25_000, name
 
 
 def test_presets_run_the_registrys_default_methods():
