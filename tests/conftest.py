@@ -16,6 +16,10 @@ IMDB_DIR = Path(os.environ.get("LORAFLOW_DATA", Path(__file__).resolve().parents
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# One intra-op thread (before torch is imported, so subprocesses inherit it too): the test
+# models are tiny, and on a loaded machine two spinning OpenMP threads made batch-1
+# forward passes over ten times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
