@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks import registry
 from tasks.config import preset_config
 from tasks.metrics import MetricsRecord
 from tasks.paths import RunPaths, write_json
@@ -174,10 +175,15 @@ def make_run(
     **config_overrides: Any,
 ) -> RunPaths:
     """A run folder under <root>/artifacts/runs/<run_id> with `variants` stored (default:
-    the default run, whose config sweeps ranks (4, 8) x targets (qkvo, qv))."""
+    the default run, whose config sweeps ranks (4, 8) x targets (qkvo, qv)). The config
+    asks for the stored variants' methods unless `methods` is given, so methods added to
+    the registry later do not turn up here as "not run"."""
     if variants is None:
         variants = default_variants()
         config_overrides = {**SWEEP, **config_overrides}
+    if "methods" not in config_overrides:
+        stored = {s.variant.method for s in variants}
+        config_overrides["methods"] = tuple(m for m in registry.METHODS if m in stored)
     config = preset_config("smoke", data="x", **config_overrides)
     paths = RunPaths.for_run(run_id, root / "artifacts", root / "reports")
     write_json(paths.config_json, config.to_dict())

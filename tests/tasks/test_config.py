@@ -4,6 +4,7 @@ rule and the sweep limit; config_from_params for the trigger form."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -158,8 +159,9 @@ def test_unequal_learning_rate_counts_break_the_same_tuning_budget():
 
 def test_a_sweep_over_max_variants_is_refused_with_the_number_asked_for():
     ranks, seeds = list(range(1, 27)), list(range(20))
-    n = len(ranks) * len(seeds) + len(seeds) + len(
-        [m for m in preset_config("smoke").methods if not registry.METHODS[m].dims])
+    sizes = {"rank": len(ranks), "targets": 1, "lr": 1, "seed": len(seeds)}
+    n = sum(math.prod(sizes[d] for d in registry.METHODS[m].dims)
+            for m in preset_config("smoke").methods)
     assert n > MAX_VARIANTS
     with pytest.raises(ValueError, match=f"the sweep asks for {n} variants; at most {MAX_VARIANTS}"):
         preset_config("smoke", ranks=ranks, seeds=seeds)

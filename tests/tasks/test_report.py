@@ -479,15 +479,15 @@ def test_hand_edited_records_are_shown_with_their_problems(tmp_path):
     del record["model"]
     record.update(accuracy="high", status="finished")
     write_json(path, record)
-    stray = paths.results_dir / "linear_probe_s42"  # an older run's name: no such method now
+    stray = paths.results_dir / "full_finetune_s42"  # an older run's name: no variant now
     stray.mkdir()
     write_json(stray / "metrics.json", {**read_json(paths.variant_dir("majority") /
-                                                    "metrics.json"), "variant": "linear_probe_s42"})
+                                                    "metrics.json"), "variant": "full_finetune_s42"})
     html = build_report(paths.run_dir, tmp_path / "reports").read_text()
     summary = json.loads((tmp_path / "reports" / "fixture-run" / "summary.json").read_text())
     assert "metrics.json lacks model" in html
     assert "metrics.json: unknown status &#39;finished&#39;" in html
-    assert "&#39;linear_probe_s42&#39; is not a variant name of any known method" in html
+    assert "&#39;full_finetune_s42&#39; is not a variant name of any known method" in html
     assert set(summary["selected"]) == {"majority", "tfidf_logreg", "seed_heuristic", "lora",
                                         "full_finetune"}  # the stray folder is never selected
 
