@@ -532,11 +532,16 @@ def test_index_lists_runs_newest_first_with_a_trend_plot(tmp_path):
     assert "On test, LoRA r=4 qkvo, lr 2e-3, seed 42 (best of 2 on validation): 83.0%" in html
 
 
+def _small_run(tmp_path, run_id: str, finished_at: str = "2026-11-20T10:00:00+00:00"):
+    """A run of the majority baseline only: quick to report, for the index tests."""
+    return make_run(tmp_path, run_id=run_id, variants=[majority()], finished_at=finished_at)
+
+
 def test_trend_labels_tell_apart_runs_finished_a_minute_apart(tmp_path):
     reports = tmp_path / "reports"
     for run_id, finished in (("first", "2026-11-20T10:00:00+00:00"),
                              ("second", "2026-11-20T10:01:00+00:00")):
-        build_report(make_run(tmp_path, run_id=run_id, finished_at=finished).run_dir, reports)
+        build_report(_small_run(tmp_path, run_id, finished).run_dir, reports)
     html = (reports / "index.html").read_text(encoding="utf-8")
     svg = html[html.index('aria-label="trend"'):]
     svg = svg[: svg.index("</svg>")]
@@ -559,7 +564,7 @@ def test_index_links_airflow_run_ids_to_their_report_slug_folders(tmp_path):
     reports = tmp_path / "reports"
     ids = ["manual__2026-11-29T05:00:00+00:00", "scheduled__2026-11-29T00:00:00+00:00"]
     for run_id in ids:
-        build_report(make_run(tmp_path, run_id=run_id).run_dir, reports)
+        build_report(_small_run(tmp_path, run_id).run_dir, reports)
     html = (reports / "index.html").read_text(encoding="utf-8")
     for run_id in ids:
         slug = report_slug(run_id)
@@ -572,7 +577,7 @@ def test_index_links_airflow_run_ids_to_their_report_slug_folders(tmp_path):
 
 
 def test_an_unreadable_summary_is_noted_on_the_index(tmp_path):
-    build_report(make_run(tmp_path, run_id="good").run_dir, tmp_path / "reports")
+    build_report(_small_run(tmp_path, "good").run_dir, tmp_path / "reports")
     (tmp_path / "reports" / "broken").mkdir()
     (tmp_path / "reports" / "broken" / "summary.json").write_text("[1, 2")
     html = build_index(tmp_path / "reports").read_text(encoding="utf-8")
