@@ -109,7 +109,6 @@ def test_encoder_tasks_use_the_gpu_pool_and_queue_and_retry_with_backoff(dag):
 
 def test_variant_tasks_are_mapped_with_readable_names(dag):
     from airflow.sdk.definitions.mappedoperator import MappedOperator
-
     from jinja2 import Template
 
     from tasks.registry import Variant
