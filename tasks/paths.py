@@ -193,8 +193,10 @@ def _install(tmp: Path, target: Path) -> None:
             os.replace(tmp, target)  # a file, an empty folder or nothing at target: done
             break
         except OSError as err:
-            if not target.is_dir() or err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
+            if not target.is_dir():  # another writer moved it aside meanwhile: try again
+                continue
         aside = target.with_name(f".{target.name}.old.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
             os.replace(target, aside)

@@ -16,6 +16,10 @@ IMDB_DIR = Path(os.environ.get("LORAFLOW_DATA", Path(__file__).resolve().parents
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# One intra-op thread (before torch is imported, so subprocesses inherit it too): the test
+# models are tiny, and on a loaded machine two spinning OpenMP threads made batch-1
+# forward passes over ten times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +31,13 @@ def imdb_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def imdb_sample(imdb_dir) -> dict[str, pd.DataFrame]:
-    """400 train / 200 test real reviews, balanced, deterministic."""
-    out = {}
-    for split, n in (("train", 400), ("test", 200)):
-        frame = pd.read_parquet(imdb_dir / f"{split}.parquet")
-        out[split] = frame.sample(n=n, random_state=0).reset_index(drop=True)
-    return out
+    """400 train / 100 validation / 200 test real reviews, deterministic; validation comes
+    from the training split and shares no row with train (as the download step draws it)."""
+    train = pd.read_parquet(imdb_dir / "train.parquet").sample(n=500, random_state=0)
+    test = pd.read_parquet(imdb_dir / "test.parquet").sample(n=200, random_state=0)
+    return {"train": train.iloc[:400].reset_index(drop=True),
+            "validation": train.iloc[400:].reset_index(drop=True),
+            "test": test.reset_index(drop=True)}
 
 
 @pytest.fixture
@@ -46,7 +51,8 @@ def artifacts(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def smoke_config(imdb_dir):
     """The smoke preset on the local IMDB copy, shrunk further for unit tests."""
-    return preset_config("smoke", data=str(imdb_dir), train_size=64, test_size=32, max_length=32)
+    return preset_config("smoke", data=str(imdb_dir), train_size=64, val_size=32, test_size=32,
+                         max_length=32)
 
 
 @pytest.fixture

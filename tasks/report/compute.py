@@ -135,8 +135,8 @@ def select(configs: list[Configuration]) -> dict[str, Configuration]:
     fewest trainable parameters, then the name). Test accuracy plays no part."""
     chosen: dict[str, Configuration] = {}
     for c in configs:
-        if c.row["validation_accuracy"] is None:
-            continue
+        if c.row["validation_accuracy"] is None or c.method not in registry.METHODS:
+            continue  # a folder of no known method (listed with its problem) is never chosen
         best = chosen.get(c.method)
         key = (-c.row["validation_accuracy"], c.row["params_trainable"] or 0, c.name)
         if best is None or key < (-best.row["validation_accuracy"],

@@ -56,8 +56,9 @@ def _placeholder(name: str, status: str, error: str) -> MetricsRecord:
         method = Variant.parse(name).method
     except ValueError:
         method = "unknown"
+    # no start time or host: none was recorded (the defaults would be this build's)
     return MetricsRecord(variant=name, method=method, model="unknown", preset="unknown",
-                         status=status, error=error)
+                         status=status, error=error, started_at=None, host=None)
 
 
 def _load_record(folder: Path) -> MetricsRecord:

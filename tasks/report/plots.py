@@ -231,7 +231,7 @@ def cost_bars(rows: list[dict[str, Any]]) -> str | None:
         for r in rows
         if r.get("train_seconds") is not None or r.get("peak_memory_bytes") is not None
     ]
-    if not any(r["method"] != "baseline" for r in rows):
+    if not any(m.trained for m in map(registry.METHODS.get, (r["method"] for r in rows)) if m):
         return None
     rows = sorted(rows, key=lambda r: r["label"])
     panels = [

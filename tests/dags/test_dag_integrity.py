@@ -3,7 +3,6 @@ structure design.md describes, and a trigger form that refuses bad values."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,10 +12,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tasks import config as tasks_config
+from tasks import registry
 from tests.dags.conftest import DAG_ID, DAGS_DIR, airflow_env
 
-GPU_TASKS = ("encoder_baselines", "lora", "full_finetune")
-MAPPED_TASKS = ("baselines", *GPU_TASKS)
+MAPPED_TASKS = ("cpu_variants", "gpu_variants")
+# the ML stack, and every module of ours that needs it: none may load when the DAG parses
+HEAVY = ("torch", "transformers", "great_expectations", "lora_core", "sklearn", "tasks.variants",
+         "tasks.train", "tasks.metrics", "tasks.evaluate", "tasks.pipeline", "tasks.report")
 
 
 def _parse_in_fresh_process(extra_env: dict[str, str] | None = None) -> dict:
@@ -26,10 +28,11 @@ def _parse_in_fresh_process(extra_env: dict[str, str] | None = None) -> dict:
         start = time.perf_counter()
         bag = DagBag(dag_folder={str(DAGS_DIR)!r})
         seconds = time.perf_counter() - start
-        heavy = [m for m in ("torch", "transformers", "great_expectations", "tasks", "lora_core")
-                 if m in sys.modules]
+        heavy = [m for m in {list(HEAVY)!r} if m in sys.modules]
+        ours = sorted(m for m in sys.modules if m == "tasks" or m.startswith("tasks."))
         dag = bag.dags.get({DAG_ID!r})
-        print(json.dumps({{"errors": bag.import_errors, "heavy": heavy, "seconds": seconds,
+        print(json.dumps({{"errors": bag.import_errors, "heavy": heavy, "ours": ours,
+                          "seconds": seconds,
                           "timetable": type(dag.timetable).__name__ if dag else None,
                           "cron": getattr(dag.timetable, "expression", None) if dag else None}}))
     """)
@@ -42,7 +45,9 @@ def _parse_in_fresh_process(extra_env: dict[str, str] | None = None) -> dict:
 def test_dag_parses_without_errors_and_without_the_ml_stack():
     result = _parse_in_fresh_process()
     assert result["errors"] == {}
-    assert result["heavy"] == []  # neither torch, transformers, GX nor our own tasks package
+    assert result["heavy"] == []  # neither torch, transformers, GX, lora_core nor our steps
+    # the registry and the config (standard library only) build the trigger form
+    assert result["ours"] == ["tasks", "tasks.config", "tasks.registry"]
     assert result["seconds"] < 2.0  # the scheduler re-parses DAG files every few seconds
     assert result["cron"] == "0 0 * * 0"  # @weekly
 
@@ -68,8 +73,8 @@ def test_unpausing_waits_for_the_next_weekly_slot_instead_of_running_a_past_one(
 def test_task_ids_and_dependencies(dag):
     assert set(dag.task_ids) == {
         "prepare", "download_dataset", "validate_dataset", "tokenize",
-        "plan_baselines", "plan_encoder_baselines", "plan_lora", "plan_full_finetune",
-        "baselines", "encoder_baselines", "lora", "full_finetune", "report", "check_variants",
+        "plan_cpu_variants", "cpu_variants", "plan_gpu_variants", "gpu_variants",
+        "report", "check_variants",
     }
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["prepare"] == set()
@@ -79,37 +84,41 @@ def test_task_ids_and_dependencies(dag):
     for name in MAPPED_TASKS:
         assert up[name] == {"tokenize", f"plan_{name}"}
         assert up[f"plan_{name}"] == {"prepare"}
+        assert dag.get_task(name).trigger_rule == "all_success"
     assert up["report"] == {"prepare", *MAPPED_TASKS}
     assert up["check_variants"] == set(MAPPED_TASKS)
     assert {t.task_id for t in dag.tasks if not t.downstream_task_ids} == {"report", "check_variants"}
 
 
 def test_encoder_tasks_use_the_gpu_pool_and_queue_and_retry_with_backoff(dag):
-    for name in GPU_TASKS:
+    for name in MAPPED_TASKS:
         t = dag.get_task(name)
-        assert (t.pool, t.queue) == ("gpu", "gpu")
         assert t.retries == 2 and t.retry_exponential_backoff == 2.0
         assert t.max_retry_delay == timedelta(minutes=30)
         # bad input fails at once; anything else (OOM, a lost worker) is retried
         assert t.retry_policy.evaluate(ValueError("no module q_proj"), 1, 3).action.value == "fail"
         assert t.retry_policy.evaluate(RuntimeError("CUDA OOM"), 1, 3).action.value == "default"
+    gpu = dag.get_task("gpu_variants")
+    assert (gpu.pool, gpu.queue) == ("gpu", "gpu")
+    assert gpu.execution_timeout == timedelta(hours=12)
     for t in dag.tasks:
-        if t.task_id not in GPU_TASKS:
+        if t.task_id != "gpu_variants":  # cpu_variants included: the default pool and queue
             assert (t.pool, t.queue) == ("default_pool", "default"), t.task_id
         assert t.execution_timeout is not None and t.execution_timeout > timedelta(0), t.task_id
 
 
 def test_variant_tasks_are_mapped_with_readable_names(dag):
     from airflow.sdk.definitions.mappedoperator import MappedOperator
-
-    for name in MAPPED_TASKS:
-        assert isinstance(dag.get_task(name), MappedOperator), name
-    lora = dag.get_task("lora")
-    label = lora.map_index_template.replace("task.op_kwargs['spec']", "spec")
     from jinja2 import Template
 
-    spec = {"method": "lora", "rank": 8, "targets": "qkvo", "seed": 1}
-    assert Template(label).render(spec=spec) == "lora r=8 qkvo seed=1"
+    from tasks.registry import Variant
+
+    variant = Variant("lora", rank=8, targets="q_lin,v_lin", lr=1e-3, seed=1)
+    for name in MAPPED_TASKS:
+        task = dag.get_task(name)
+        assert isinstance(task, MappedOperator), name
+        label = task.map_index_template.replace("task.op_kwargs['variant']", "variant")
+        assert Template(label).render(variant=variant.to_dict()) == "lora_r8_q_lin+v_lin_lr1e-3_s1"
 
 
 def test_report_runs_whatever_the_variants_did_and_the_run_fails_if_one_failed(dag):
@@ -125,9 +134,9 @@ def test_dag_run_settings(dag):
 
 
 def test_params_are_the_design_names_with_descriptions(dag):
-    assert list(dag.params) == ["preset", "model", "data", "train_size", "test_size",
-                                "max_length", "epochs", "batch_size", "lora_lr", "full_lr",
-                                "ranks", "targets", "seeds", "baselines"]
+    assert list(dag.params) == ["preset", "methods", "model", "data", "train_size", "val_size",
+                                "test_size", "max_length", "epochs", "batch_size", "precision",
+                                "lora_lr", "full_lr", "ranks", "targets", "seeds"]
     for name, param in dag.params.items():
         assert param.description, name
         if name != "preset":  # every override is optional: empty keeps the preset's value
@@ -135,26 +144,22 @@ def test_params_are_the_design_names_with_descriptions(dag):
     assert dag.params.get_param("preset").value == "cpu"
 
 
-def test_param_literals_match_tasks_config(dag):
-    dag_file = _dag_module()
-    assert set(dag_file.PRESETS) == set(tasks_config.PRESETS)
-    assert dag_file.BASELINES == tasks_config.BASELINES
-    assert dag_file.TARGET_SETS == tasks_config.TARGET_SETS
-    assert set(dag_file.ENCODER_BASELINES) < set(tasks_config.BASELINES)
+def test_params_are_built_from_the_registry_and_the_config(dag):
     schema = {name: p.schema for name, p in dag.params.items()}
-    assert schema["preset"]["enum"] == list(dag_file.PRESETS)
-    assert schema["baselines"]["items"]["enum"] == list(tasks_config.BASELINES)
-    for name, p in tasks_config.PRESETS.items():  # every preset's own values pass the form
-        for key in ("train_size", "test_size", "max_length", "epochs"):
-            assert schema[key]["minimum"] <= p[key] <= schema[key]["maximum"], (name, key)
-
-
-def _dag_module():
-    """The DAG file as a module, for its literals (dags/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("_lora_dag_file", DAGS_DIR / f"{DAG_ID}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert schema["preset"]["enum"] == list(tasks_config.PRESETS)
+    assert schema["methods"]["items"]["enum"] == list(registry.METHODS)
+    assert schema["precision"]["enum"] == [None, *tasks_config.PRECISIONS]
+    assert schema["targets"]["items"]["pattern"] == registry.TARGETS_PATTERN
+    assert schema["max_length"]["maximum"] == tasks_config.MAX_TOKENS
+    for name in tasks_config.PRESETS:  # every preset's own values pass the form
+        config = tasks_config.preset_config(name)
+        for key in ("train_size", "val_size", "test_size", "max_length", "epochs", "batch_size"):
+            value = getattr(config, key)
+            assert schema[key]["minimum"] <= value <= schema[key]["maximum"], (name, key)
+        _validate(dag, {"preset": name, **{k: list(getattr(config, k)) for k in (
+            "methods", "lora_lr", "full_lr", "ranks", "targets", "seeds")}})
+    description = dag.params.get_param("methods").description
+    assert all(m.description in description for m in registry.METHODS.values())
 
 
 def _validate(dag, conf: dict) -> dict:
@@ -172,11 +177,16 @@ def _validate(dag, conf: dict) -> dict:
     {"preset": "nope"},
     {"train_size": 0},
     {"max_length": 1024},
-    {"lora_lr": 0},
+    {"val_size": 0},
+    {"lora_lr": 0.001},
+    {"lora_lr": [0]},
+    {"full_lr": [1.5]},
     {"seeds": [-1]},
-    {"baselines": ["bert_zero_shot"]},
+    {"methods": ["bert_zero_shot"]},
+    {"methods": ["lora", "lora"]},
     {"targets": ["q_lin, v_lin"]},
     {"epochs": "3"},
+    {"precision": "fp8"},
 ])
 def test_trigger_conf_out_of_bounds_is_refused(dag, conf):
     from airflow.exceptions import ParamValidationError
@@ -188,16 +198,21 @@ def test_trigger_conf_out_of_bounds_is_refused(dag, conf):
 def test_trigger_conf_within_bounds_is_accepted(dag):
     assert _validate(dag, {})["preset"] == "cpu"  # scheduled runs: the defaults
     values = _validate(dag, {"preset": "smoke", "ranks": [1, 1024], "targets": ["qv", "q_lin,v_lin"],
-                             "seeds": [0], "baselines": ["majority"], "lora_lr": 0.001,
-                             "data": "/tmp/imdb", "train_size": None})
+                             "seeds": [0], "methods": ["majority"], "lora_lr": [0.001, 0.002],
+                             "full_lr": [3e-5, 5e-5], "precision": "bf16", "data": "/tmp/imdb",
+                             "train_size": None, "val_size": 100})
     assert values["ranks"] == [1, 1024] and values["train_size"] is None
+    assert values["methods"] == ["majority"] and values["precision"] == "bf16"
 
 
 def test_effective_config_starts_from_the_preset_and_overrides_what_was_set(dag):
     from tasks.pipeline import config_from_params
 
-    params = _validate(dag, {"preset": "smoke", "ranks": [2, 4], "targets": [], "data": ""})
+    params = _validate(dag, {"preset": "smoke", "ranks": [2, 4], "targets": [], "data": "",
+                             "methods": [], "precision": None})
     config = config_from_params(params)
+    smoke = tasks_config.preset_config("smoke")
     assert config.preset == "smoke" and config.ranks == (2, 4)
-    assert config.targets == tasks_config.preset_config("smoke").targets
-    assert config.train_size == tasks_config.PRESETS["smoke"]["train_size"]
+    assert config.targets == smoke.targets and config.methods == smoke.methods
+    assert config.train_size == smoke.train_size and config.precision == smoke.precision
+    assert config.data == smoke.data

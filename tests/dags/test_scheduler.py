@@ -1,7 +1,7 @@
 """A real Airflow: API server, scheduler and DAG processor as separate processes
 (LocalExecutor, SQLite in a throw-away home), driven only through the REST API v2, as a
-user's script or the web UI would. The `gpu` pool has one slot, so the LoRA, full
-fine-tuning and linear-probe tasks of a smoke sweep must run one after another."""
+user's script or the web UI would. The `gpu` pool has one slot, so the encoder variants
+(two LoRA ranks and full fine-tuning) of a smoke sweep must run one after another."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from tasks.paths import report_slug
+from tasks.pipeline import config_from_params
 from tests.dags.conftest import DAG_ID, airflow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.scheduler]
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
-GPU_TASKS = ("encoder_baselines", "lora", "full_finetune")
 
 
 def _free_port() -> int:
@@ -159,6 +160,7 @@ def test_dag_starts_paused_and_unpauses_through_the_api(airflow):
 @pytest.mark.parametrize("conf, field", [
     ({"preset": "smoke", "ranks": [0]}, "ranks"),
     ({"preset": "nope"}, "preset"),
+    ({"preset": "smoke", "methods": ["linear_probe_typo"]}, "methods"),
 ])
 def test_invalid_conf_is_refused_at_trigger_time(airflow, conf, field):
     response = airflow.trigger(conf)
@@ -170,8 +172,13 @@ def test_invalid_conf_is_refused_at_trigger_time(airflow, conf, field):
 @pytest.mark.timeout(420)
 def test_smoke_sweep_succeeds_and_gpu_tasks_never_overlap(airflow, imdb_dir):
     airflow.client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
-    conf = {"preset": "smoke", "data": str(imdb_dir), "train_size": 64, "test_size": 32,
-            "max_length": 32, "ranks": [2, 4], "baselines": ["majority", "linear_probe"]}
+    conf = {"preset": "smoke", "data": str(imdb_dir), "train_size": 64, "val_size": 32,
+            "test_size": 32, "max_length": 32, "ranks": [2, 4],
+            "methods": ["majority", "lora", "full_finetune"]}
+    config = config_from_params(conf)
+    cpu = [v.name for v in config.method_variants(encoder=False)]
+    gpu_names = [v.name for v in config.method_variants(encoder=True)]
+    assert (cpu, len(gpu_names)) == (["majority"], 3)
     created = airflow.trigger(conf)
     assert created.status_code == 200, created.text
     run_id = created.json()["dag_run_id"]  # manual__<time>: ':' and '+' need quoting
@@ -186,21 +193,22 @@ def test_smoke_sweep_succeeds_and_gpu_tasks_never_overlap(airflow, imdb_dir):
     tis = tis.json()["task_instances"]
     states = {(t["task_id"], t["map_index"]): t["state"] for t in tis}
     assert state == "success", states
-    expected = {"prepare", "plan_baselines", "plan_encoder_baselines", "plan_lora",
-                "plan_full_finetune", "download_dataset", "validate_dataset", "tokenize",
-                "baselines", "encoder_baselines", "lora", "full_finetune", "report"}
+    single = {"prepare", "plan_cpu_variants", "plan_gpu_variants", "download_dataset",
+              "validate_dataset", "tokenize", "report"}
     assert {t for t, s in states.items() if s == "success"} == (
-        {(t, -1) for t in expected - {"baselines", "encoder_baselines", "lora", "full_finetune"}}
-        | {("baselines", 0), ("encoder_baselines", 0), ("lora", 0), ("lora", 1), ("full_finetune", 0)})
+        {(t, -1) for t in single} | {("cpu_variants", 0)}
+        | {("gpu_variants", i) for i in range(len(gpu_names))})
     assert states[("check_variants", -1)] == "skipped"  # no variant failed
 
-    gpu = sorted((t for t in tis if t["task_id"] in GPU_TASKS),
+    cpu_tis = [t for t in tis if t["task_id"] == "cpu_variants"]
+    assert [(t["pool"], t["queue"], t["rendered_map_index"]) for t in cpu_tis] == [
+        ("default_pool", "default", "majority")]
+    gpu = sorted((t for t in tis if t["task_id"] == "gpu_variants"),
                  key=lambda t: t["start_date"])
-    assert len(gpu) == 4 and all((t["pool"], t["queue"]) == ("gpu", "gpu") for t in gpu)
-    assert {t["rendered_map_index"] for t in gpu} == {
-        "linear_probe", "lora r=2 qkvo seed=42", "lora r=4 qkvo seed=42", "full seed=42"}
+    assert len(gpu) == 3 and all((t["pool"], t["queue"]) == ("gpu", "gpu") for t in gpu)
+    assert {t["rendered_map_index"] for t in gpu} == set(gpu_names)
     at = datetime.fromisoformat
-    # They competed: all four were scheduled (ready to run) before the first one ended...
+    # They competed: all three were scheduled (ready to run) before the first one ended...
     assert max(at(t["scheduled_when"]) for t in gpu) < at(gpu[0]["end_date"])
     # ...yet with one slot in the pool they ran strictly one after another.
     for before, after in pairwise(gpu):
@@ -209,7 +217,6 @@ def test_smoke_sweep_succeeds_and_gpu_tasks_never_overlap(airflow, imdb_dir):
     assert [r["dag_run_id"] for r in airflow.runs()] == [run_id]  # no scheduled run crept in
     run_dir = airflow.artifacts / "runs" / run_id
     records = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("results/*/metrics.json")}
-    assert set(records) == {"majority", "linear_probe_s42", "lora_r2_qkvo_s42",
-                            "lora_r4_qkvo_s42", "full_finetune_s42"}
+    assert set(records) == {v.name for v in config.variants()}
     assert all(r["status"] == "ok" for r in records.values())
-    assert (airflow.reports / run_id / "report.html").exists()
+    assert (airflow.reports / report_slug(run_id) / "report.html").exists()

@@ -9,10 +9,11 @@ from tasks.paths import RunPaths
 
 
 def write_run_data(paths: RunPaths, sample: dict[str, pd.DataFrame]) -> None:
-    """What the download step would write: the run's data/{train,test}.parquet."""
+    """What the download step would write: the run's data/<split>.parquet for each split
+    in `sample` (train, validation, test)."""
     paths.data_dir.mkdir(parents=True, exist_ok=True)
-    sample["train"].to_parquet(paths.train_parquet, index=False)
-    sample["test"].to_parquet(paths.test_parquet, index=False)
+    for split, frame in sample.items():
+        frame.to_parquet(paths.split_parquet(split), index=False)
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tasks import data
-from tasks.paths import RunPaths
+from tasks.paths import SPLITS, RunPaths
 
 PER_CLASS = 12  # reviews per split and label in the test tarball
 
@@ -32,6 +33,11 @@ def _write_aclimdb(parent: Path, sample: dict[str, pd.DataFrame]) -> dict[str, p
             (folder / f"{row.review_id}_{row.rating}.txt").write_bytes(row.text.encode("utf-8"))
         expected[split] = chosen.sort_values(["label", "review_id"], ignore_index=True)
     return expected
+
+
+def _two_splits(sample: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The sample as a source holds it: a train and a test split."""
+    return {s: sample[s] for s in ("train", "test")}
 
 
 def _tarball(folder: Path, target: Path, extra: list[tarfile.TarInfo] = ()) -> str:
@@ -69,7 +75,13 @@ def server(tmp_path):
 
 
 def _frames(paths: RunPaths) -> dict[str, pd.DataFrame]:
-    return {s: pd.read_parquet(getattr(paths, f"{s}_parquet")) for s in ("train", "test")}
+    return {s: pd.read_parquet(paths.split_parquet(s)) for s in SPLITS}
+
+
+def _from_split(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The rows taken from each source split: train and validation both come from train."""
+    return {"train": pd.concat([frames["train"], frames["validation"]], ignore_index=True),
+            "test": frames["test"]}
 
 
 def _same_reviews(got: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -83,35 +95,73 @@ def _same_reviews(got: pd.DataFrame, expected: pd.DataFrame) -> None:
 def test_local_parquet_writes_requested_subsets_with_source_index(smoke_run, imdb_dir):
     config, paths = smoke_run
     written = data.download_dataset(config, paths)
-    assert written == {"train": str(paths.train_parquet), "test": str(paths.test_parquet)}
+    assert written == {s: str(paths.split_parquet(s)) for s in SPLITS}
     frames = _frames(paths)
-    for split, size in (("train", config.train_size), ("test", config.test_size)):
-        frame, full = frames[split], pd.read_parquet(imdb_dir / f"{split}.parquet")
+    for split, size in (("train", config.train_size), ("validation", config.val_size),
+                        ("test", config.test_size)):
+        frame = frames[split]
+        full = pd.read_parquet(imdb_dir / f"{'test' if split == 'test' else 'train'}.parquet")
         assert list(frame.columns) == ["text", "label", "review_id", "rating", "source_index"]
         assert len(frame) == size and frame["label"].dtype == "int64"
         assert frame["text"].tolist() == full["text"].iloc[frame["source_index"]].tolist()
         assert frame["label"].nunique() == 2  # a shuffle, not the label-ordered head
 
 
-def test_subset_equals_datasets_shuffle_select(imdb_dir):
+def test_validation_is_disjoint_from_train_and_deterministic(smoke_run, artifacts):
+    config, paths = smoke_run
+    config = config.with_overrides(train_size=500, val_size=200)
+    data.download_dataset(config, paths)
+    first = _frames(paths)
+    train, validation = (set(first[s]["source_index"]) for s in ("train", "validation"))
+    assert len(train) == 500 and len(validation) == 200 and not train & validation
+    other = RunPaths.for_run("again", paths.artifacts, paths.reports)
+    data.download_dataset(config, other)
+    for split, frame in _frames(other).items():
+        pd.testing.assert_frame_equal(frame, first[split])
+    reseeded = RunPaths.for_run("reseeded", paths.artifacts, paths.reports)
+    data.download_dataset(config.with_overrides(data_seed=7), reseeded)
+    assert set(_frames(reseeded)["train"]["source_index"]) != train
+
+
+def test_subsets_equal_datasets_shuffle_select(smoke_run, imdb_dir):
+    """The seed notebook's `dataset.shuffle(seed=42).select(range(n))`, for train and test;
+    validation is the next rows of the shuffled training split."""
     import datasets
 
-    full = pd.read_parquet(imdb_dir / "train.parquet")
-    ours = data.select_subset(full, 300, seed=42)
-    theirs = datasets.Dataset.from_pandas(full).shuffle(seed=42).select(range(300)).to_pandas()
-    assert ours["text"].tolist() == theirs["text"].tolist()
-    assert ours["label"].tolist() == theirs["label"].tolist()
-    pd.testing.assert_frame_equal(ours, data.select_subset(full, 300, seed=42))
-    assert not ours["text"].equals(data.select_subset(full, 300, seed=1)["text"])
+    config, paths = smoke_run
+    config = config.with_overrides(train_size=300, val_size=50, test_size=100)
+    data.download_dataset(config, paths)
+    ours = _frames(paths)
+    for split, rows in (("train", range(300)), ("validation", range(300, 350)),
+                        ("test", range(100))):
+        full = pd.read_parquet(imdb_dir / f"{'test' if split == 'test' else 'train'}.parquet")
+        theirs = datasets.Dataset.from_pandas(full).shuffle(seed=42).select(rows).to_pandas()
+        assert ours[split]["text"].tolist() == theirs["text"].tolist(), split
+        assert ours[split]["label"].tolist() == theirs["label"].tolist(), split
+    np.testing.assert_array_equal(data.shuffled(1000, 42), data.shuffled(1000, 42))
+    assert not np.array_equal(data.shuffled(1000, 42), data.shuffled(1000, 1))
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"train_size": 20_000, "val_size": 5_001}, "train_size \\+ val_size = 25,001 but the train "
+                                                "split of .* has 25,000 rows"),
+    ({"test_size": 25_001}, "test_size = 25,001 but the test split of .* has 25,000 rows"),
+], ids=["train+validation", "test"])
+def test_sizes_larger_than_the_source_are_a_value_error_naming_the_numbers(smoke_run, sizes,
+                                                                           message):
+    config, paths = smoke_run
+    with pytest.raises(ValueError, match=message):
+        data.download_dataset(config.with_overrides(**sizes), paths)
+    assert not paths.data_dir.exists() or not list(paths.data_dir.iterdir())
 
 
 def test_local_parquet_cached_once_and_reread_when_files_change(smoke_run, imdb_sample, tmp_path):
     config, paths = smoke_run
     folder = tmp_path / "parquet"
     folder.mkdir()
-    for split, frame in imdb_sample.items():
-        frame.head(40).to_parquet(folder / f"{split}.parquet")
-    config = config.with_overrides(data=str(folder), train_size=40, test_size=40)
+    for split in ("train", "test"):
+        imdb_sample[split].head(40).to_parquet(folder / f"{split}.parquet")
+    config = config.with_overrides(data=str(folder), train_size=30, val_size=10, test_size=40)
     data.download_dataset(config, paths)
     assert len(list((paths.cache_dir / "datasets").glob("*/train.parquet"))) == 1
     changed = imdb_sample["train"].tail(40).assign(label=1)
@@ -120,24 +170,30 @@ def test_local_parquet_cached_once_and_reread_when_files_change(smoke_run, imdb_
     assert (_frames(paths)["train"]["label"] == 1).all()
 
 
-def test_source_with_fewer_rows_gives_what_exists(smoke_run, imdb_sample, tmp_path):
+def test_source_with_fewer_rows_than_asked_for_is_refused(smoke_run, imdb_sample, tmp_path):
     config, paths = smoke_run
     folder = tmp_path / "small"
     folder.mkdir()
-    for split, frame in imdb_sample.items():
-        frame.head(20).to_parquet(folder / f"{split}.parquet")
-    data.download_dataset(config.with_overrides(data=str(folder), train_size=64), paths)
-    assert len(_frames(paths)["train"]) == 20
+    for split in ("train", "test"):
+        imdb_sample[split].head(20).to_parquet(folder / f"{split}.parquet")
+    with pytest.raises(ValueError, match="train_size \\+ val_size = 30 but the train split of "
+                                         ".* has 20 rows"):
+        data.download_dataset(config.with_overrides(data=str(folder), train_size=20, val_size=10,
+                                                    test_size=20), paths)
+    data.download_dataset(config.with_overrides(data=str(folder), train_size=15, val_size=5,
+                                                test_size=20), paths)
+    assert [len(f) for f in _frames(paths).values()] == [15, 5, 20]
 
 
 @pytest.mark.parametrize("as_root", [False, True], ids=["parent-of-aclImdb", "aclImdb-itself"])
 def test_local_aclimdb_folder_read_like_the_parquet_copy(smoke_run, imdb_sample, tmp_path, as_root):
     config, paths = smoke_run
-    expected = _write_aclimdb(tmp_path / "src", imdb_sample)
+    expected = _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
     source = tmp_path / "src" / ("aclImdb" if as_root else "")
     n = 2 * PER_CLASS
-    data.download_dataset(config.with_overrides(data=str(source), train_size=n, test_size=n), paths)
-    frames = _frames(paths)
+    data.download_dataset(config.with_overrides(data=str(source), train_size=n - 4, val_size=4,
+                                                test_size=n), paths)
+    frames = _from_split(_frames(paths))
     for split in ("train", "test"):
         _same_reviews(frames[split], expected[split])
 
@@ -149,8 +205,8 @@ def test_hub_source_loads_stanfordnlp_imdb_through_datasets(smoke_run, imdb_samp
 
     def fake_load_dataset(name, *args, **kwargs):  # the hub is unreachable here
         calls.append(name)
-        return datasets.DatasetDict({s: datasets.Dataset.from_pandas(f[["text", "label"]])
-                                     for s, f in imdb_sample.items()})
+        return datasets.DatasetDict({s: datasets.Dataset.from_pandas(imdb_sample[s][["text", "label"]])
+                                     for s in ("train", "test")})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     config, paths = smoke_run
@@ -199,14 +255,14 @@ def test_canonical_stanford_url_has_the_published_checksum():
 
 def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_path, server):
     base, www, requests = server
-    expected = _write_aclimdb(tmp_path / "src", imdb_sample)
+    expected = _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
     digest = _tarball(tmp_path / "src", www / "aclImdb_v1.tar.gz")
     config, paths = smoke_run
     n = 2 * PER_CLASS
     config = config.with_overrides(data=f"{base}/aclImdb_v1.tar.gz#sha256={digest}",
-                                   train_size=n, test_size=n)
+                                   train_size=n - 4, val_size=4, test_size=n)
     data.download_dataset(config, paths)
-    for split, frame in _frames(paths).items():
+    for split, frame in _from_split(_frames(paths)).items():
         _same_reviews(frame, expected[split])
     first = _frames(paths)
 
@@ -221,7 +277,7 @@ def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_
 
 def test_url_checksum_mismatch_raises_and_keeps_nothing(smoke_run, imdb_sample, tmp_path, server):
     base, www, _ = server
-    _write_aclimdb(tmp_path / "src", imdb_sample)
+    _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
     digest = _tarball(tmp_path / "src", www / "aclImdb_v1.tar.gz")
     wrong = digest[::-1]
     config, paths = smoke_run
@@ -252,7 +308,7 @@ def test_unreachable_url_raises_connection_error(smoke_run):
 
 def test_url_tarball_with_parent_member_is_refused(smoke_run, imdb_sample, tmp_path, server):
     base, www, _ = server
-    _write_aclimdb(tmp_path / "src", imdb_sample)
+    _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
     evil = tarfile.TarInfo("aclImdb/../../evil.txt")
     digest = _tarball(tmp_path / "src", www / "aclImdb_v1.tar.gz", [evil])
     config, paths = smoke_run
@@ -279,7 +335,7 @@ def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
 ], ids=["dotdot", "absolute", "symlink-out", "hardlink-out", "device"])
 def test_safe_extract_refuses_escaping_members_before_writing(imdb_sample, tmp_path, member,
                                                               message):
-    _write_aclimdb(tmp_path / "src", imdb_sample)
+    _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
     out = tmp_path / "out"
     archive = tmp_path / "evil.tar.gz"
     _tarball(tmp_path / "src", archive, [member(out)])
@@ -289,7 +345,7 @@ def test_safe_extract_refuses_escaping_members_before_writing(imdb_sample, tmp_p
 
 
 def test_safe_extract_takes_only_review_files(imdb_sample, tmp_path):
-    _write_aclimdb(tmp_path / "src", imdb_sample)
+    _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
     (tmp_path / "src" / "aclImdb" / "imdb.vocab").write_text("the\n")
     archive = tmp_path / "a.tar.gz"
     _tarball(tmp_path / "src", archive)

@@ -10,7 +10,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from lora_core.inject import inject_lora, lora_layers, merge_lora
 from lora_core.layer import LoRALinear
-from tasks.models import load_classifier, load_tokenizer
+from tasks import evaluate as evaluate_module
 from tasks.evaluate import (
     PeakMemory,
     autocast_dtype,
@@ -18,9 +18,11 @@ from tasks.evaluate import (
     latency_fields,
     measure_latency_ms,
     pad_batch,
+    precision_label,
     predict_proba,
-    without_lora,
 )
+from tasks.methods import lora as lora_method
+from tasks.models import load_classifier, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_merged_lora_predicts_like_unmerged_and_like_the_bare_merged_model(lora_
     assert np.abs(unmerged - base_prob).max() > 1e-3  # the adapter does change the model
     merge_lora(lora_model)
     np.testing.assert_allclose(predict_proba(lora_model, test_frame, 8, "cpu"), unmerged, atol=1e-5)
-    with without_lora(lora_model):
+    with lora_method.bare(lora_model):
         assert lora_layers(lora_model) == {}
         bare = predict_proba(lora_model, test_frame, 8, "cpu")
         np.testing.assert_allclose(bare, unmerged, atol=1e-5)
@@ -99,15 +101,17 @@ def test_merged_lora_predicts_like_unmerged_and_like_the_bare_merged_model(lora_
 
 
 def test_latency_fields_time_base_unmerged_and_merged_for_lora(lora_model, test_frame):
-    fields = latency_fields(lora_model, {"method": "lora"}, test_frame, "cpu")
+    fields = latency_fields(lora_model, test_frame, "cpu", adapter=lora_method)
     assert set(fields["latency_ms"]) == {"base", "unmerged", "merged"}
     assert all(0 < v < 1000 for v in fields["latency_ms"].values())
     assert fields["inference_ms_per_example"] == fields["latency_ms"]["merged"]
     assert all(layer.merged for layer in lora_layers(lora_model).values())
-    plain = latency_fields(load_classifier("tiny-distilbert"), {"method": "full_finetune"},
-                           test_frame, "cpu")
+    assert len(lora_layers(lora_model)) == 8  # the wrappers are back after timing the bare model
+    plain = latency_fields(load_classifier("tiny-distilbert"), test_frame, "cpu")
     assert set(plain) == {"inference_ms_per_example", "latency_protocol"}
-    assert plain["latency_protocol"]["examples"] == 32
+    assert plain["latency_protocol"] == {"batch_size": 1, "examples": 32, "rounds": 3,
+                                         "statistic": "median", "device": "cpu",
+                                         "precision": "fp32"}
 
 
 def test_measure_latency_ms_is_positive_per_example_and_validates_arguments(test_frame):
@@ -125,5 +129,25 @@ def test_peak_memory_on_cpu_sees_a_large_allocation():
     assert memory.peak_bytes >= 200 * 1024 * 1024
 
 
-def test_no_mixed_precision_on_cpu():
-    assert autocast_dtype("cpu") is None
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_autocast_dtype_on_cpu(monkeypatch, native):
+    monkeypatch.setattr(evaluate_module, "cpu_has_native_bf16", lambda: native)
+    assert autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16  # asked for: emulated if need be
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        autocast_dtype("fp8", "cpu")
+
+
+def test_precision_labels_name_the_dtype():
+    assert [precision_label(d) for d in (None, torch.bfloat16, torch.float16)] == [
+        "fp32", "bf16", "fp16"]
+
+
+def test_bf16_autocast_on_cpu_predicts_close_to_fp32(test_frame):
+    model = load_classifier("tiny-distilbert", seed=3)
+    fp32 = predict_proba(model, test_frame, 8, "cpu")
+    bf16 = predict_proba(model, test_frame, 8, "cpu", dtype=torch.bfloat16)
+    assert bf16.dtype == np.float64 and np.abs(bf16 - fp32).max() < 0.05

@@ -1,29 +1,49 @@
-"""The report and the index, built from fixture runs (tests/tasks/fixtures_report.py)."""
+"""The report and the index, built from fixture runs (tests/tasks/fixtures_report.py):
+selection on validation, an honest headline, seeds aggregated, escaped output, byte-stable
+files, and the index of all runs."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from tasks import plots, stats
-from tasks.paths import read_json, write_json
-from tasks.report import build_index, build_report
+from tasks import registry
+from tasks.paths import read_json, report_slug, write_json
+from tasks.registry import Variant
+from tasks.report import build_index, build_report, plots, stats
 from tests.tasks.fixtures_report import (
     FAILED,
     FAILED_ERROR,
+    FULL,
     FULL_WRONG,
+    IMG,
     LABELS,
+    LORA_A,
+    LORA_B,
     LORA_WRONG,
+    NOT_RUN,
     SEED_NOTES,
     XSS,
+    Stored,
+    full,
+    full_fields,
+    lora,
+    lora_fields,
+    majority,
     make_run,
+    tfidf,
     tokens_record,
 )
+
+ESCAPED_XSS = "&lt;script&gt;alert(1)&lt;/script&gt;"
 
 
 def _data(html: str) -> dict:
@@ -35,11 +55,27 @@ def _data(html: str) -> dict:
     return json.loads(match.group(1))
 
 
+def _report(tmp_path, **kwargs):
+    """(html, summary, report folder) of a fixture run."""
+    paths = make_run(tmp_path, **kwargs)
+    report = build_report(paths.run_dir, tmp_path / "reports")
+    return (report.read_text(encoding="utf-8"),
+            json.loads((report.parent / "summary.json").read_text()), report.parent)
+
+
+def _row_html(html: str, name: str) -> str:
+    """The page's <tbody> of the configuration whose (first) row is `name`."""
+    bodies = [c.split("</tbody>")[0] for c in html.split("<tbody")[1:]]
+    chunks = [c for c in bodies if f"<code>{name}</code>" in c]
+    assert len(chunks) == 1, name
+    return chunks[0]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The six-variant fixture run, reported once for the read-only tests of this module."""
+    """The default fixture run, reported once for the read-only tests of this module."""
     root = tmp_path_factory.mktemp("full")
-    paths = make_run(root, extra={"note": XSS})
+    paths = make_run(root)
     report = build_report(paths.run_dir, root / "reports")
     return paths, report, report.read_text(encoding="utf-8")
 
@@ -55,33 +91,27 @@ def test_report_writes_html_csv_markdown_summary_and_index(full_run):
 
 def test_report_lists_every_variant_and_the_failed_error(full_run):
     _, _, html = full_run
-    for name in (
-        "majority",
-        "tfidf_logreg",
-        "seed_heuristic",
-        "lora_r4_qkvo_s42",
-        "full_finetune_s42",
-        FAILED,
-        "linear_probe_s42",
-    ):
-        assert f"<code>{name}</code>" in html, name
-    escaped = FAILED_ERROR.replace("<", "&lt;").replace(">", "&gt;")
-    assert escaped in html
-    assert "not run" in html  # linear_probe_s42 was asked for by the config but never ran
+    for v in (Variant("majority"), Variant("tfidf_logreg"), Variant("seed_heuristic"), LORA_A,
+              LORA_B, FAILED, NOT_RUN, FULL):
+        assert f"<code>{v.name}</code>" in html, v.name
+    assert f"RuntimeError: {FAILED_ERROR}".replace(XSS, ESCAPED_XSS) in html
+    assert _row_html(html, NOT_RUN.name).count("not run") >= 1  # asked for, never started
 
 
 def test_headline_is_computed_from_the_stored_numbers(full_run):
     _, _, html = full_run
-    # LoRA 166/200 vs full 170/200 = 97.647%; 36,000 of 4,000,000 = 0.90%; 0.14 s / 0.10 s = 1.4x
-    expected = (
-        "LoRA r=4 on qkvo reached 97.6% of full fine-tuning accuracy (83.0% vs 85.0%) "
-        "while training 0.90% of the parameters, 1.4× faster per step."
-    )
+    # LoRA 166/200 vs full 170/200; 36,000 of 4,000,000 = 0.90%; two LoRA configurations
+    expected = ("On test, LoRA r=4 qkvo, lr 2e-3, seed 42 (best of 2 on validation): 83.0%; "
+                "full fine-tuning, lr 5e-4, seed 42: 85.0%; LoRA trained 0.90% of the "
+                "parameters.")
     assert expected in html
-    comparison = _data(html)["headline"]["comparison"]
-    assert comparison["accuracy_ratio"] == pytest.approx(166 / 170)
-    assert comparison["trainable_share"] == pytest.approx(0.009)
-    assert comparison["speedup_per_step"] == pytest.approx(1.4)
+    head = _data(html)["headline"]
+    assert head["sentences"] == [expected]
+    assert head["comparison"]["a"] == "lora_r4_qkvo_lr2e-3"
+    assert head["comparison"]["b"] == "full_finetune_lr5e-4"
+    assert head["comparison"]["bootstrap"]["diff"] == pytest.approx(0.83 - 0.85)
+    assert "Configurations tried: LoRA: 2, full fine-tuning: 1." in head["details"][0]
+    assert "100 validation reviews" in head["details"][0]
 
 
 def test_mcnemar_p_value_matches_scipy_on_the_fixture_predictions(full_run):
@@ -92,12 +122,14 @@ def test_mcnemar_p_value_matches_scipy_on_the_fixture_predictions(full_run):
     c = int(np.sum(~lora_right & full_right))
     assert (b, c) == (8, 12)
     expected = scipy_stats.binomtest(b, b + c, 0.5).pvalue  # b + c < 25: exact test
-    paired = _data(html)["headline"]["paired"]
-    assert paired["mcnemar"]["b"] == b and paired["mcnemar"]["c"] == c
-    assert paired["mcnemar"]["method"] == "exact binomial"
-    assert paired["mcnemar"]["p_value"] == pytest.approx(expected, rel=1e-12)
-    assert f"p = {expected:.3f} (exact binomial)" in html
-    assert paired["bootstrap"]["diff"] == pytest.approx(0.83 - 0.85)
+    mcnemar = _data(html)["headline"]["comparison"]["mcnemar"]
+    assert (mcnemar["b"], mcnemar["c"]) == (b, c)
+    assert mcnemar["method"] == "exact binomial"
+    assert mcnemar["p_value"] == pytest.approx(expected, rel=1e-12)
+    assert (f"McNemar&#39;s test on 200 paired test reviews (one seed each): 8 only LoRA got "
+            f"right, 12 only full fine-tuning got right; p = {expected:.3f} (exact binomial)") in html
+    assert "One seed per configuration: training noise is not measured" in html
+    assert "Welch" not in html
 
 
 def test_mcnemar_uses_continuity_corrected_chi2_from_25_discordant_pairs():
@@ -126,37 +158,206 @@ def test_paired_bootstrap_interval_contains_the_observed_difference():
     assert result == stats.paired_bootstrap(a, b, n_boot=400)  # seeded: same interval twice
 
 
-def test_comparison_csv_has_one_row_per_variant_with_its_accuracy(full_run):
+def test_welch_matches_scipy_and_needs_two_seeds_a_side():
+    a, b = np.array([0.85, 0.83, 0.81]), np.array([0.90, 0.88, 0.86])
+    expected = scipy_stats.ttest_ind(a, b, equal_var=False)
+    result = stats.welch(a, b)
+    assert result["statistic"] == pytest.approx(expected.statistic)
+    assert result["p_value"] == pytest.approx(expected.pvalue)
+    with warnings.catch_warnings():  # scipy warns of the zero variance it then reports
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert stats.welch(np.array([0.8, 0.8]), np.array([0.7, 0.7]))["p_value"] is None
+    with pytest.raises(ValueError, match="two seeds or more"):
+        stats.welch(a[:1], b)
+
+
+# --- selection on validation and the verdict -------------------------------------------------
+
+def test_the_configuration_with_the_best_validation_accuracy_is_selected_not_the_best_on_test(
+        tmp_path):
+    """A: validation 90%, test 80%; B: validation 85%, test 88%. The report picks A."""
+    a, b = lora(4, "qkvo"), lora(8, "qkvo")
+    html, summary, _ = _report(tmp_path, variants=[
+        majority(),
+        Stored(a, range(40), range(10), fields=lora_fields()),
+        Stored(b, range(24), range(15), fields=lora_fields(trainable=72_000)),
+        Stored(FULL, FULL_WRONG, range(14), fields=full_fields()),
+    ], methods=("majority", "lora", "full_finetune"), ranks=(4, 8))
+    row_a, row_b = _row_html(html, a.name), _row_html(html, b.name)
+    assert row_a.startswith(' class="config selected"') and "badge chosen" in row_a
+    assert row_b.startswith(' class="config"') and "badge chosen" not in row_b
+    assert summary["selection"] == "validation"
+    selected = summary["selected"]["lora"]
+    assert selected["configuration"] == a.config_name == "lora_r4_qkvo_lr2e-3"
+    assert (selected["validation_accuracy"], selected["accuracy"]) == (0.90, 0.80)
+    assert summary["headline"].startswith(
+        "On test, LoRA r=4 qkvo, lr 2e-3, seed 42 (best of 2 on validation): 80.0%; ")
+    assert "88.0%" not in summary["headline"]
+    assert summary["comparison"]["a"] == a.config_name
+
+
+def test_ties_on_validation_go_to_the_fewer_trainable_parameters(tmp_path):
+    a, b = lora(8, "qkvo"), lora(4, "qkvo")
+    _, summary, _ = _report(tmp_path, variants=[
+        Stored(a, range(30), range(10), fields=lora_fields(trainable=72_000)),
+        Stored(b, range(40), range(10), fields=lora_fields(trainable=36_000)),
+    ], methods=("lora",), ranks=(4, 8))
+    assert summary["selected"]["lora"]["configuration"] == b.config_name
+
+
+def test_no_learning_headline_says_first_that_nothing_beat_the_majority_baseline(tmp_path):
+    """Every trained variant predicts one class: their test intervals cover 50%."""
+    html, summary, _ = _report(tmp_path, variants=[
+        majority(),
+        Stored(LORA_A, constant=1, fields=lora_fields()),
+        Stored(FULL, constant=0, fields=full_fields()),
+    ], methods=("majority", "lora", "full_finetune"))
+    assert summary["headline"].startswith(
+        "No trained model beat the majority baseline (50.0% on test): the 95% interval of "
+        "every trained variant reaches down to it or below.")
+    assert "LoRA r=4 qkvo, lr 2e-3, seed 42: 50.0%" in summary["headline"]
+    assert summary["headline"] in html
+
+
+def test_learning_above_the_majority_interval_is_not_called_no_learning(full_run):
+    summary = json.loads((full_run[1].parent / "summary.json").read_text())
+    assert "No trained model beat" not in summary["headline"]
+
+
+def test_a_random_weights_model_gets_the_plumbing_banner(full_run, tmp_path):
+    _, report, html = full_run  # the smoke preset's tiny-distilbert
+    assert '<p class="banner" id="plumbing">tiny-distilbert has random weights' in html
+    assert json.loads((report.parent / "summary.json").read_text())["random_weights"] is True
+    html, summary, _ = _report(tmp_path, model="distilbert-base-uncased")
+    assert 'id="plumbing"' not in html and summary["random_weights"] is False
+
+
+def test_a_baseline_above_lora_and_full_finetuning_is_said_to_beat_them(tmp_path):
+    html, summary, _ = _report(tmp_path, variants=[
+        majority(), tfidf(test_wrong=range(20)),
+        Stored(LORA_A, LORA_WRONG, range(16), fields=lora_fields()),
+        Stored(FULL, FULL_WRONG, range(14), fields=full_fields()),
+    ], methods=("majority", "tfidf_logreg", "lora", "full_finetune"))
+    sentence = ("The TF-IDF + logistic regression baseline (90.0%) beat LoRA and full "
+                "fine-tuning on test.")
+    assert sentence in summary["headline"] and sentence in html
+
+
+def test_a_baseline_between_them_beats_only_the_one_below(tmp_path):
+    _, summary, _ = _report(tmp_path, variants=[
+        tfidf(test_wrong=range(32)),  # 84%: above LoRA (83%), below full FT (85%)
+        Stored(LORA_A, LORA_WRONG, range(16), fields=lora_fields()),
+        Stored(FULL, FULL_WRONG, range(14), fields=full_fields()),
+    ], methods=("tfidf_logreg", "lora", "full_finetune"))
+    assert ("The TF-IDF + logistic regression baseline (84.0%) beat LoRA on test."
+            in summary["headline"])
+
+
+# --- several seeds -------------------------------------------------------------------------
+
+SEEDS = (1, 2, 3)
+LORA_SEED_WRONG = {1: range(30), 2: range(34), 3: range(38)}  # 85, 83, 81%
+FULL_SEED_WRONG = {1: range(20), 2: range(24), 3: range(28)}  # 90, 88, 86%
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeds")
+    variants = [majority()]
+    variants += [Stored(lora(seed=s), LORA_SEED_WRONG[s], range(10 + s), fields=lora_fields())
+                 for s in SEEDS]
+    variants += [Stored(full(seed=s), FULL_SEED_WRONG[s], range(8 + s), fields=full_fields())
+                 for s in SEEDS]
+    paths = make_run(root, variants=variants, methods=("majority", "lora", "full_finetune"),
+                     seeds=SEEDS)
+    report = build_report(paths.run_dir, root / "reports")
+    return report.read_text(encoding="utf-8"), report.parent
+
+
+def test_seeds_of_a_configuration_are_one_row_with_mean_sd_and_n_and_seed_rows_beneath(
+        seeds_run):
+    html, _ = seeds_run
+    body = _row_html(html, "lora_r4_qkvo_lr2e-3")
+    rows = body.split("<tr ")[1:]
+    assert [r.split('"')[1] for r in rows] == ["main", "seed", "seed", "seed"]
+    assert 'LoRA r=4 qkvo, lr 2e-3 <span class="badge chosen"' in rows[0] and ">3/3<" in rows[0]
+    assert "83.0%" in rows[0] and "± 2.0 over 3 seeds" in rows[0]
+    for row, seed, acc in zip(rows[1:], SEEDS, ("85.0%", "83.0%", "81.0%")):
+        assert f"LoRA r=4 qkvo, lr 2e-3, seed {seed}" in row and acc in row
+        assert f"<code>lora_r4_qkvo_lr2e-3_s{seed}</code>" in row
+    md = (seeds_run[1] / "comparison.md").read_text()
+    assert "| LoRA r=4 qkvo, lr 2e-3 (LoRA) | 3/3 |" in md and "83.0% (± 2.0 over 3 seeds)" in md
+    frame = pd.read_csv(seeds_run[1] / "comparison.csv").set_index("name")
+    assert frame.loc["lora_r4_qkvo_lr2e-3", "seeds"] == "1 2 3"
+    assert frame.loc["lora_r4_qkvo_lr2e-3", "accuracy"] == pytest.approx(0.83)
+    assert frame.loc["lora_r4_qkvo_lr2e-3", "accuracy_sd"] == pytest.approx(0.02)
+
+
+def test_statistics_average_over_seeds_and_use_welchs_test(seeds_run):
+    html, _ = seeds_run
+    head = _data(html)["headline"]
+    assert head["sentences"] == [
+        "On test, LoRA r=4 qkvo, lr 2e-3: 83.0% ± 2.0 over 3 seeds; full fine-tuning, lr 5e-4: "
+        "88.0% ± 2.0 over 3 seeds; LoRA trained 0.90% of the parameters."]
+    comparison = head["comparison"]
+    assert comparison["seeds"] == [3, 3] and "mcnemar" not in comparison
+    expected = scipy_stats.ttest_ind([0.85, 0.83, 0.81], [0.90, 0.88, 0.86], equal_var=False)
+    assert comparison["welch"]["p_value"] == pytest.approx(expected.pvalue)
+    assert comparison["bootstrap"]["diff"] == pytest.approx(0.83 - 0.88)
+    text = " ".join(head["comparison_text"])
+    assert "each review's correctness averaged over the seeds of each configuration (3 and 3)" in text
+    assert (f"Welch's t-test on the seeds' test accuracies (training noise): "
+            f"t = {expected.statistic:.2f}, p = {expected.pvalue:.3f}.") in text
+    assert "McNemar" not in text
+    assert "Welch&#39;s t-test on the seeds&#39; test accuracies" in html
+
+
+def test_summary_records_the_selection_rule_and_each_methods_mean_and_sd(seeds_run):
+    summary = json.loads((seeds_run[1] / "summary.json").read_text())
+    assert summary["selection"] == "validation"
+    lora_sel, full_sel = summary["selected"]["lora"], summary["selected"]["full_finetune"]
+    assert lora_sel["configuration"] == "lora_r4_qkvo_lr2e-3" and lora_sel["seeds"] == 3
+    assert lora_sel["accuracy"] == pytest.approx(0.83)
+    assert lora_sel["accuracy_sd"] == pytest.approx(0.02)
+    assert lora_sel["validation_accuracy"] == pytest.approx(np.mean([0.89, 0.88, 0.87]))
+    assert lora_sel["validation_sd"] == pytest.approx(0.01)
+    assert full_sel["configuration"] == "full_finetune_lr5e-4"
+    assert full_sel["accuracy"] == pytest.approx(0.88)
+    assert full_sel["accuracy_sd"] == pytest.approx(0.02)
+    assert summary["selected"]["majority"]["accuracy_sd"] is None  # one run: no sd
+    assert summary["counts"] == {"ok": 7}
+
+
+# --- output files --------------------------------------------------------------------------
+
+def test_comparison_csv_has_one_row_per_configuration_with_its_numbers(full_run):
     frame = pd.read_csv(full_run[1].parent / "comparison.csv")
-    assert sorted(frame["variant"]) == sorted(
-        [
-            "majority",
-            "tfidf_logreg",
-            "seed_heuristic",
-            "linear_probe_s42",
-            "lora_r4_qkvo_s42",
-            "full_finetune_s42",
-            FAILED,
-        ]
-    )
-    acc = frame.set_index("variant")["accuracy"]
+    expected = [Variant("majority"), Variant("tfidf_logreg"), Variant("seed_heuristic"), LORA_A,
+                NOT_RUN, LORA_B, FAILED, FULL]
+    assert frame["name"].tolist() == [v.name for v in expected]  # registry order, then dims
+    rows = frame.set_index("name")
+    acc = rows["accuracy"]
     assert acc["majority"] == pytest.approx(0.5)
     assert acc["tfidf_logreg"] == pytest.approx(0.8)
-    assert acc["lora_r4_qkvo_s42"] == pytest.approx(0.83)
-    assert acc["full_finetune_s42"] == pytest.approx(0.85)
-    assert np.isnan(acc[FAILED])
-    status = frame.set_index("variant")["status"]
-    assert status[FAILED] == "failed" and status["linear_probe_s42"] == "not run"
-    row = frame.set_index("variant").loc["lora_r4_qkvo_s42"]
+    assert acc[LORA_A.name] == pytest.approx(0.83)
+    assert acc[FULL.name] == pytest.approx(0.85)
+    assert rows.loc[LORA_A.name, "validation_accuracy"] == pytest.approx(0.84)
+    assert np.isnan(acc[FAILED.name])
+    assert rows.loc[FAILED.name, "status"] == "failed"
+    assert rows.loc[NOT_RUN.name, "status"] == "not run"
+    row = rows.loc[LORA_A.name]
     assert (row["latency_merged_ms"], row["latency_unmerged_ms"]) == (2.1, 2.6)
+    assert (row["method"], row["n"], row["n_total"]) == ("lora", 1, 1)
 
 
-def test_comparison_markdown_is_a_table_of_every_variant(full_run):
+def test_comparison_markdown_is_a_table_of_every_configuration(full_run):
     lines = (full_run[1].parent / "comparison.md").read_text().splitlines()
-    assert lines[0].startswith("| Variant |") and lines[1].startswith("|---")
-    assert len(lines) == 2 + 7
-    lora = next(line for line in lines if line.startswith("| lora_r4_qkvo_s42 "))
-    assert "83.0%" in lora and "36,000 (0.90%)" in lora and "merged 2.10 ms" in lora
+    assert lines[0].startswith("| Configuration | Seeds | Validation accuracy | Test accuracy |")
+    assert lines[1].startswith("|---")
+    assert len(lines) == 2 + 8
+    row = next(line for line in lines if line.startswith("| LoRA r=4 qkvo, lr 2e-3, seed 42 "))
+    assert "| 84.0% | 83.0% (" in row and "36,000 (0.90% of 4,000,000)" in row
+    assert "merged 2.10 ms" in row
 
 
 def test_seed_heuristic_notes_are_shown(full_run):
@@ -166,8 +367,29 @@ def test_seed_heuristic_notes_are_shown(full_run):
 def test_untrusted_text_is_escaped_everywhere(full_run):
     _, _, html = full_run
     assert "<script>alert" not in html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # error, validation value, config extra
-    assert _data(html)["config"]["extra"]["note"] == XSS  # the raw data keeps the original text
+    assert ESCAPED_XSS in html  # the failed error and a stored validation value
+    assert f"RuntimeError: {FAILED_ERROR}" in json.dumps(_data(html))  # raw data keeps it
+
+
+def test_markup_and_formulas_never_reach_the_markdown_or_csv_unescaped(tmp_path):
+    paths = make_run(tmp_path)
+    failed = paths.variant_dir(FAILED.name) / "metrics.json"
+    write_json(failed, {**read_json(failed), "error": f"boom {IMG}"})
+    odd = paths.results_dir / IMG  # a results folder of no variant, hand-written
+    odd.mkdir()
+    write_json(odd / "metrics.json", {"variant": IMG, "method": "lora", "model": "m",
+                                      "preset": "smoke", "status": "failed",
+                                      "error": '=HYPERLINK("http://evil.example")',
+                                      "reason": "@SUM(1)"})
+    report = build_report(paths.run_dir, tmp_path / "reports")
+    md = (report.parent / "comparison.md").read_text()
+    text = (report.parent / "comparison.csv").read_text()
+    for out in (md, text, report.read_text()):
+        assert "<img" not in out and "&lt;img src=x onerror=alert(1)&gt;" in out
+    cells = [c for row in csv.reader(io.StringIO(text)) for c in row]
+    assert "'=HYPERLINK(\"http://evil.example\")" in cells and "'@SUM(1)" in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "@")]
+    assert not [c for c in cells if c[:1] == "-" and not re.fullmatch(r"-[\d.e+-]+", c)]
 
 
 def test_report_is_byte_stable(full_run):
@@ -180,42 +402,48 @@ def test_report_is_byte_stable(full_run):
 
 
 def test_svg_ids_are_unique_across_the_page(full_run):
-    ids = re.findall(r'\bid="([^"]+)"', full_run[2])
+    html = full_run[2]
+    ids = re.findall(r'\bid="([^"]+)"', html)
     assert len(ids) == len(set(ids))
-    assert full_run[2].count("<svg ") == 7  # six plots and the token-length histogram
+    labels = re.findall(r'<svg role="img" aria-label="(\w+)"', html)
+    assert labels == ["accuracy", "params", "loss", "eval", "cost", "rank", "confusion", "tokens"]
 
 
-def test_single_variant_run_says_no_comparison_could_be_made(tmp_path):
-    paths = make_run(
-        tmp_path,
-        run_id="only-majority",
-        variants=("majority",),
-        baselines=("majority",),
-        full_finetune=False,
-    )
-    html = build_report(paths.run_dir, tmp_path / "reports").read_text(encoding="utf-8")
-    assert "No comparison of LoRA and full fine-tuning could be made" in html
-    assert "no full fine-tuning variant ran" in html
-    assert "Most accurate variant of the run: <b>majority</b>" in html
-    summary = json.loads((tmp_path / "reports" / "only-majority" / "summary.json").read_text())
-    assert summary["best"] == {"baseline": {"variant": "majority", "accuracy": 0.5}}
+def test_css_has_every_methods_colour_class(full_run):
+    html = full_run[2]
+    for m in registry.METHODS.values():
+        assert f".m-{m.name} {{ background: {m.color}; }}" in html
+
+
+def test_single_method_run_says_no_comparison_could_be_made(tmp_path):
+    html, summary, _ = _report(tmp_path, run_id="only-majority", variants=[majority()],
+                               methods=("majority",))
+    assert ("No comparison of LoRA and full fine-tuning could be made: no LoRA variant ran; "
+            "no full fine-tuning variant ran.") in html
+    assert summary["selected"] == {"majority": {
+        "accuracy": 0.5, "accuracy_sd": None, "configuration": "majority",
+        "label": "majority class", "seeds": 1, "validation_accuracy": 0.5,
+        "validation_sd": None}}
     assert summary["comparison"] is None
+    assert 'aria-label="cost"' not in html  # nothing was trained: no cost chart
+
+
+def test_one_trained_method_missing_says_why(tmp_path):
+    _, summary, _ = _report(tmp_path, variants=[
+        Stored(LORA_A, LORA_WRONG, range(16), fields=lora_fields()),
+        Stored(FULL, error="CUDA out of memory")], methods=("lora", "full_finetune"))
+    assert summary["headline"] == (
+        "On test, LoRA r=4 qkvo, lr 2e-3, seed 42: 83.0%. No comparison: full fine-tuning did "
+        "not succeed: full_finetune_lr5e-4_s42 failed (RuntimeError: CUDA out of memory).")
 
 
 def test_run_with_only_failed_variants_says_so(tmp_path):
-    paths = make_run(
-        tmp_path,
-        run_id="all-failed",
-        variants=(FAILED, "failed_full"),
-        baselines=(),
-        full_finetune=False,
-        ranks=(8,),
-        targets=("qv",),
-    )
-    html = build_report(paths.run_dir, tmp_path / "reports").read_text(encoding="utf-8")
+    html, _, _ = _report(tmp_path, run_id="all-failed", variants=[
+        Stored(FAILED, error=FAILED_ERROR), Stored(FULL, error="killed")],
+        methods=("lora", "full_finetune"), ranks=(8,), targets=("qv",))
     assert "No variant finished successfully in this run (2 failed)" in html
     assert "Nothing to plot" in html
-    assert "&lt;script&gt;" in html and "<script>alert" not in html
+    assert ESCAPED_XSS in html and "<script>alert" not in html
 
 
 def test_run_without_results_or_config_still_gets_a_report(tmp_path):
@@ -227,11 +455,10 @@ def test_run_without_results_or_config_still_gets_a_report(tmp_path):
 
 
 def test_missing_validation_and_tokens_are_noted(tmp_path):
-    paths = make_run(tmp_path, validation=False, tokens=False)
-    html = build_report(paths.run_dir, tmp_path / "reports").read_text(encoding="utf-8")
+    html, summary, _ = _report(tmp_path, validation=False, tokens=False)
     assert "Validation result not available: data/validation.json was not stored" in html
     assert "Tokenization summary not available: data/tokens.json was not stored" in html
-    assert "97.6% of full fine-tuning accuracy" in html  # the rest of the report is unaffected
+    assert summary["headline"].startswith("On test, LoRA r=4 qkvo")  # the rest is unaffected
 
 
 def test_broken_metrics_and_missing_predictions_are_reported(tmp_path):
@@ -245,10 +472,50 @@ def test_broken_metrics_and_missing_predictions_are_reported(tmp_path):
     assert "no metrics.json in the results folder" in html
 
 
+def test_hand_edited_records_are_shown_with_their_problems(tmp_path):
+    paths = make_run(tmp_path)
+    path = paths.variant_dir(LORA_B.name) / "metrics.json"
+    record = read_json(path)
+    del record["model"]
+    record.update(accuracy="high", status="finished")
+    write_json(path, record)
+    stray = paths.results_dir / "full_finetune_s42"  # an older run's name: no variant now
+    stray.mkdir()
+    write_json(stray / "metrics.json", {**read_json(paths.variant_dir("majority") /
+                                                    "metrics.json"), "variant": "full_finetune_s42"})
+    html = build_report(paths.run_dir, tmp_path / "reports").read_text()
+    summary = json.loads((tmp_path / "reports" / "fixture-run" / "summary.json").read_text())
+    assert "metrics.json lacks model" in html
+    assert "metrics.json: unknown status &#39;finished&#39;" in html
+    assert "&#39;full_finetune_s42&#39; is not a variant name of any known method" in html
+    assert set(summary["selected"]) == {"majority", "tfidf_logreg", "seed_heuristic", "lora",
+                                        "full_finetune"}  # the stray folder is never selected
+
+
 def test_build_report_refuses_a_missing_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_report(tmp_path / "nope", tmp_path / "reports")
 
+
+def test_odd_stored_values_become_notes_not_crashes(tmp_path):
+    paths = make_run(tmp_path)
+    write_json(paths.validation_json, ["not", "an", "object"])
+    tokens = tokens_record()
+    tokens["stats"]["train"]["histogram"] = {"bin_edges": [0, 1], "counts": [1, 2, 3]}
+    write_json(paths.tokens_json, tokens)
+    metrics = paths.variant_dir(LORA_A.name) / "metrics.json"
+    record = read_json(metrics)
+    record.update(params_trainable="many", loss_history=[{"step": "x"}, None, 0.5])
+    record["parameter_breakdown"]["matrices"] = 5
+    write_json(metrics, record)
+    html = build_report(paths.run_dir, tmp_path / "reports").read_text(encoding="utf-8")
+    assert "Validation result could not be read" in html and "expected a JSON object" in html
+    assert "Could not be drawn from the stored values" in html  # the token histogram
+    assert "params_trainable should be" in html  # the record's problem, listed
+    assert "On test, LoRA r=4 qkvo, lr 2e-3, seed 42 (best of 2 on validation): 83.0%" in html
+
+
+# --- the index -------------------------------------------------------------------------------
 
 def test_index_lists_runs_newest_first_with_a_trend_plot(tmp_path):
     reports = tmp_path / "reports"
@@ -262,7 +529,24 @@ def test_index_lists_runs_newest_first_with_a_trend_plot(tmp_path):
     positions = [html.index(f'href="./{r}/report.html"') for r in ("run-b", "run-c", "run-a")]
     assert positions == sorted(positions)
     assert 'aria-label="trend"' in html
-    assert "97.6% of full fine-tuning accuracy" in html
+    assert "On test, LoRA r=4 qkvo, lr 2e-3, seed 42 (best of 2 on validation): 83.0%" in html
+
+
+def _small_run(tmp_path, run_id: str, finished_at: str = "2026-11-20T10:00:00+00:00"):
+    """A run of the majority baseline only: quick to report, for the index tests."""
+    return make_run(tmp_path, run_id=run_id, variants=[majority()], finished_at=finished_at)
+
+
+def test_trend_labels_tell_apart_runs_finished_a_minute_apart(tmp_path):
+    reports = tmp_path / "reports"
+    for run_id, finished in (("first", "2026-11-20T10:00:00+00:00"),
+                             ("second", "2026-11-20T10:01:00+00:00")):
+        build_report(_small_run(tmp_path, run_id, finished).run_dir, reports)
+    html = (reports / "index.html").read_text(encoding="utf-8")
+    svg = html[html.index('aria-label="trend"'):]
+    svg = svg[: svg.index("</svg>")]
+    assert "2026-11-20 10:00 UTC" in svg and "2026-11-20 10:01 UTC" in svg
+    assert html.index('href="./second/report.html"') < html.index('href="./first/report.html"')
 
 
 def test_index_of_a_single_run_has_no_trend_plot(full_run):
@@ -276,52 +560,59 @@ def test_index_of_an_empty_folder_says_there_are_no_reports(tmp_path):
     assert "No reports yet" in html
 
 
-def test_odd_stored_values_become_notes_not_crashes(tmp_path):
-    paths = make_run(tmp_path)
-    write_json(paths.validation_json, ["not", "an", "object"])
-    tokens = tokens_record()
-    tokens["stats"]["train"]["histogram"] = {"bin_edges": [0, 1], "counts": [1, 2, 3]}
-    write_json(paths.tokens_json, tokens)
-    metrics = paths.variant_dir("lora_r4_qkvo_s42") / "metrics.json"
-    record = read_json(metrics)
-    record.update(params_trainable="many", loss_history=[{"step": "x"}, None, 0.5])
-    record["parameter_breakdown"]["matrices"] = 5
-    write_json(metrics, record)
-    html = build_report(paths.run_dir, tmp_path / "reports").read_text(encoding="utf-8")
-    assert "Validation result could not be read" in html and "expected a JSON object" in html
-    assert "Could not be drawn from the stored values" in html  # the token histogram
-    assert (
-        "LoRA r=4 on qkvo reached 97.6% of full fine-tuning accuracy (83.0% vs 85.0%), 1.4×" in html
-    )
+def test_index_links_airflow_run_ids_to_their_report_slug_folders(tmp_path):
+    reports = tmp_path / "reports"
+    ids = ["manual__2026-11-29T05:00:00+00:00", "scheduled__2026-11-29T00:00:00+00:00"]
+    for run_id in ids:
+        build_report(_small_run(tmp_path, run_id).run_dir, reports)
+    html = (reports / "index.html").read_text(encoding="utf-8")
+    for run_id in ids:
+        slug = report_slug(run_id)
+        assert ":" not in slug and "+" not in slug
+        assert f'href="./{slug}/report.html"' in html
+        assert (reports / slug / "report.html").exists()
+        assert f"<code>{run_id}</code>" in html  # the id itself is what people read
+    assert sorted(p.name for p in reports.iterdir() if p.is_dir()) == sorted(
+        report_slug(r) for r in ids)
 
 
-def test_index_links_airflow_run_ids_with_colons_safely(tmp_path):
-    run_id = "manual__2026-11-29T05:00:00+00:00"
-    build_report(make_run(tmp_path, run_id=run_id).run_dir, tmp_path / "reports")
-    html = (tmp_path / "reports" / "index.html").read_text(encoding="utf-8")
-    # percent-encoded, so "manual__2026-11-29T05" is never read as a URL scheme
-    assert 'href="./manual__2026-11-29T05%3A00%3A00%2B00%3A00/report.html"' in html
+def test_an_unreadable_summary_is_noted_on_the_index(tmp_path):
+    build_report(_small_run(tmp_path, "good").run_dir, tmp_path / "reports")
+    (tmp_path / "reports" / "broken").mkdir()
+    (tmp_path / "reports" / "broken" / "summary.json").write_text("[1, 2")
+    html = build_index(tmp_path / "reports").read_text(encoding="utf-8")
+    assert "A run summary could not be read: broken:" in html
+    assert 'href="./good/report.html"' in html
 
 
-def test_summary_json_holds_the_headline_numbers(full_run):
-    summary = json.loads((full_run[1].parent / "summary.json").read_text())
-    assert summary["best"]["lora"] == {"variant": "lora_r4_qkvo_s42", "accuracy": 0.83}
-    assert summary["best"]["full_finetune"] == {"variant": "full_finetune_s42", "accuracy": 0.85}
-    assert summary["counts"] == {"ok": 5, "failed": 1, "not run": 1}
-    assert summary["finished_at"] == "2026-11-20T10:00:00+00:00"
-    assert summary["headline"].startswith("LoRA r=4 on qkvo reached 97.6%")
+# --- plots ----------------------------------------------------------------------------------
+
+def test_every_method_has_its_registry_colour_and_label_in_the_plots():
+    for m in registry.METHODS.values():
+        assert plots.method_color(m.name) == m.color
+        assert plots.method_label(m.name) == m.label
+    assert plots.method_color("unknown") == plots.UNKNOWN_COLOR
+    assert plots.method_label("unknown") == "unknown"
 
 
 def test_rank_plot_is_drawn_only_for_a_rank_sweep():
-    row = {"method": "lora", "targets": "qkvo", "seed": 42}
-    sweep = [{**row, "rank": r, "accuracy": a} for r, a in ((4, 0.8), (8, 0.82), (16, 0.83))]
+    row = {"method": "lora", "targets": "qkvo", "lr": "2e-3"}
+    sweep = [{**row, "rank": r, "validation_accuracy": a} for r, a in ((4, 0.8), (8, 0.82),
+                                                                      (16, 0.83))]
     assert plots.accuracy_vs_rank(sweep).startswith("<svg")
     assert plots.accuracy_vs_rank(sweep[:1]) is None
+
+
+def test_cost_chart_needs_a_trained_method():
+    baseline = {"method": "tfidf_logreg", "label": "TF-IDF", "train_seconds": 2.0}
+    assert plots.cost_bars([baseline]) is None
+    assert plots.cost_bars([baseline, {**baseline, "method": "lora", "label": "LoRA"}]).startswith(
+        "<svg")
 
 
 def test_long_loss_histories_are_thinned_for_the_page():
     steps = list(range(1, 20_001))
     noisy = np.random.default_rng(0).random(len(steps)).tolist()  # defeats path simplification
-    svg = plots.loss_curves([{"variant": "v", "steps": steps, "values": noisy}])
+    svg = plots.loss_curves([{"label": "v", "method": "lora", "steps": steps, "values": noisy}])
     # raw trace + moving average, each at most MAX_POINTS vertices (unthinned: ~13,600)
     assert svg.count("\nL ") < 2 * plots.MAX_POINTS

@@ -56,7 +56,7 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
         make_run(tmp_path, run_id="older-run", finished_at="2026-11-19T10:00:00+00:00").run_dir,
         reports,
     )
-    report = build_report(make_run(tmp_path, extra={"note": XSS}).run_dir, reports)
+    report = build_report(make_run(tmp_path).run_dir, reports)
     shot = tmp_path / "report.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM))
@@ -69,7 +69,11 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
             sizes = page.evaluate(
                 "[...document.querySelectorAll('svg')].map(s => s.getBoundingClientRect().height)"
             )
-            assert len(sizes) == 7 and min(sizes) > 100
+            assert len(sizes) == 8 and min(sizes) > 100  # seven plots, the token histogram
+            assert page.locator("#plumbing").count() == 1  # tiny-distilbert: random weights
+            assert page.locator("tbody.selected").count() == 5  # one per method that ran
+            # the failed variant's error is shown as text, never run as markup
+            assert XSS in " ".join(page.locator(".problem").all_inner_texts())
             assert (
                 page.evaluate(
                     "JSON.parse(document.getElementById('report-data').textContent).run_id"
@@ -103,7 +107,8 @@ def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
     from tasks.pipeline import prepare_run, run_all
 
     sync_playwright = _browser_or_skip()
-    config = preset_config("smoke", data=str(imdb_dir), train_size=64, test_size=32, max_length=32)
+    config = preset_config("smoke", data=str(imdb_dir), train_size=64, val_size=32, test_size=32,
+                           max_length=32)
     paths = prepare_run(config, "smoke-browser", tmp_path / "artifacts", tmp_path / "reports")
     report = run_all(config, paths)
     with sync_playwright() as p:
@@ -116,7 +121,6 @@ def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
         finally:
             browser.close()
     assert seen["errors"] == [] and seen["requests"] == []
-    for variant in ("majority", "tfidf_logreg", "seed_heuristic", "linear_probe_s42",
-                    "lora_r4_qkvo_s42", "full_finetune_s42"):
-        assert variant in text
+    for variant in config.variants():
+        assert variant.name in text
     assert "LoRA r=4" in text and "full fine-tuning" in text

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 import tasks.tokenize as tk
 from tasks.models import load_tokenizer
-from tasks.paths import PROJECT_DIR, read_json
+from tasks.paths import PROJECT_DIR, SPLITS, read_json
 from tasks.pipeline import prepare_run
 from tests.tasks.conftest import write_run_data
 
@@ -41,9 +41,11 @@ def test_tokenize_writes_cache_and_pre_truncation_stats(run, imdb_sample):
     assert tokens["cache_hit"] is False and tokens["max_length"] == 32
     folder = Path(tokens["cache_dir"])
     assert folder.name == tokens["key"] and folder.parent == paths.cache_dir / "tokenized"
-    assert {p.name for p in folder.iterdir()} == {"train.parquet", "test.parquet", "meta.json"}
+    assert {p.name for p in folder.iterdir()} == {"train.parquet", "validation.parquet",
+                                                  "test.parquet", "meta.json"}
+    assert tokens["rows"] == {"train": 400, "validation": 100, "test": 200}
     tokenizer = load_tokenizer(config.model)
-    for split in ("train", "test"):
+    for split in SPLITS:
         stats = tokens["stats"][split]
         full = np.array([len(ids) for ids in tokenizer(imdb_sample[split]["text"].tolist())["input_ids"]])
         assert stats["count"] == len(imdb_sample[split]) == sum(stats["histogram"]["counts"])
@@ -59,7 +61,7 @@ def test_load_split_keeps_row_order_columns_and_truncation(run, imdb_sample):
     config, paths = run
     tk.tokenize_dataset(config, paths)
     tokenizer = load_tokenizer(config.model)
-    for split in ("train", "test"):
+    for split in SPLITS:
         frame = tk.load_split(paths, split)
         data = imdb_sample[split]
         assert list(frame.columns) == ["input_ids", "length", "label"]
@@ -76,8 +78,8 @@ def test_load_split_refuses_unknown_split_and_missing_tokens(run):
     _, paths = run
     with pytest.raises(FileNotFoundError, match="tokenize step"):
         tk.load_split(paths, "test")
-    with pytest.raises(ValueError, match="'validation'"):
-        tk.load_split(paths, "validation")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        tk.load_split(paths, "dev")
 
 
 def test_second_run_with_same_key_calls_no_tokenizer(run, imdb_sample, artifacts, monkeypatch):
@@ -109,7 +111,7 @@ def test_max_length_and_data_are_part_of_the_key(run, imdb_sample, artifacts, co
     write_run_data(changed, edited)
     keys = {base, read_json(tk.tokenize_dataset(config.with_overrides(max_length=64), longer))["key"],
             read_json(tk.tokenize_dataset(config, changed))["key"]}
-    assert len(keys) == 3 and len(count_encodes) == 6  # three builds of two splits each
+    assert len(keys) == 3 and len(count_encodes) == 9  # three builds of three splits each
     assert tk.load_split(longer, "train")["length"].max() == 64
 
 
@@ -124,7 +126,7 @@ def test_incomplete_cache_is_never_a_hit(run, count_encodes, damage):
     else:  # fewer rows than meta.json promises
         pd.read_parquet(folder / "test.parquet").head(5).to_parquet(folder / "test.parquet")
     tokens = read_json(tk.tokenize_dataset(config, paths))
-    assert tokens["cache_hit"] is False and len(count_encodes) == 4
+    assert tokens["cache_hit"] is False and len(count_encodes) == 6  # two builds, three splits
     assert len(tk.load_split(paths, "test")) == 200
 
 
@@ -170,7 +172,7 @@ def test_two_processes_racing_on_one_key_tokenize_once(smoke_config, artifacts, 
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-3000:]
     builders = marker.read_text().split()
-    assert len(builders) == 2 and len(set(builders)) == 1  # one process tokenized both splits
+    assert len(builders) == len(SPLITS) and len(set(builders)) == 1  # one process, every split
     results = sorted((read_json(p.tokens_json) for p in runs), key=lambda t: t["cache_hit"])
     assert [t["cache_hit"] for t in results] == [False, True]
     assert results[0]["key"] == results[1]["key"]

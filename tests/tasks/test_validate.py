@@ -13,10 +13,15 @@ from tasks.paths import read_json
 from tasks.validate import DataValidationError, validate_dataset
 
 
-def _write(paths, train: pd.DataFrame, test: pd.DataFrame) -> None:
+def _write(paths, train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame) -> None:
     paths.data_dir.mkdir(parents=True, exist_ok=True)
-    train.to_parquet(paths.train_parquet, index=False)
-    test.to_parquet(paths.test_parquet, index=False)
+    for split, frame in (("train", train), ("validation", validation), ("test", test)):
+        frame.to_parquet(paths.split_parquet(split), index=False)
+
+
+def _sizes(sample: dict[str, pd.DataFrame]) -> dict[str, int]:
+    return {"train_size": len(sample["train"]), "val_size": len(sample["validation"]),
+            "test_size": len(sample["test"])}
 
 
 def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, monkeypatch):
@@ -26,15 +31,19 @@ def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, mon
     assert validate_dataset(config, paths) == paths.validation_json
     summary = read_json(paths.validation_json)
     assert summary["success"] is True
-    assert summary["rows"] == {"train": config.train_size, "test": config.test_size}
-    counts = pd.read_parquet(paths.train_parquet)["label"].value_counts()
-    assert summary["class_balance"]["train"] == {"0": int(counts[0]), "1": int(counts[1])}
+    assert summary["rows"] == {"train": config.train_size, "validation": config.val_size,
+                               "test": config.test_size}
+    for split in ("train", "validation", "test"):
+        counts = pd.read_parquet(paths.split_parquet(split))["label"].value_counts()
+        assert summary["class_balance"][split] == {"0": int(counts[0]), "1": int(counts[1])}
     assert summary["gx_version"].startswith("1.")
     kinds = {e["expectation"] for e in summary["expectations"]}
     assert {"expect_column_values_to_not_be_null", "expect_column_values_to_be_in_set",
             "expect_table_row_count_to_equal", "expect_column_mean_to_be_between",
             "expect_column_proportion_of_unique_values_to_be_between"} <= kinds
-    assert len(summary["expectations"]) == 24 and all(e["success"] for e in summary["expectations"])
+    assert len(summary["expectations"]) == 3 * 12  # twelve per split
+    assert {e["split"] for e in summary["expectations"]} == {"train", "validation", "test"}
+    assert all(e["success"] for e in summary["expectations"])
     assert {"split", "expectation", "column", "kwargs", "success", "observed_value",
             "unexpected_count", "unexpected_percent"} <= set(summary["expectations"][0])
     assert not (tmp_path / "gx").exists()
@@ -42,8 +51,9 @@ def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, mon
 
 @pytest.mark.parametrize("preset", ["seed", "paper"])
 def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, preset):
-    """The seed notebook's 5,000 / 1,000 and the full 25,000 / 25,000 splits (which hold
-    96 + 199 duplicated texts and 123 texts in both splits)."""
+    """The seed notebook's 5,000 / 1,000 and the whole of both splits (22,500 train and
+    2,500 validation reviews, 25,000 test; IMDB holds 96 + 199 duplicated texts and 123
+    texts in both splits)."""
     from tasks.pipeline import prepare_run
 
     config = preset_config(preset, data=str(imdb_dir))
@@ -55,41 +65,56 @@ def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, pr
     summary = read_json(paths.validation_json)
     assert summary["success"] is True
     assert seconds < 15, f"validation took {seconds:.1f} s"  # measured ~0.3 s / ~1.6 s here
-    if preset == "paper":
-        assert summary["statistics"]["train"]["duplicate_texts"] == 96
-        assert summary["statistics"]["test"]["texts_in_other_split"] == 123
+    if preset == "paper":  # the whole training split is train + validation
+        frames = {s: pd.read_parquet(paths.split_parquet(s)) for s in ("train", "validation",
+                                                                       "test")}
+        whole = pd.concat([frames["train"], frames["validation"]])
+        assert len(whole) == 25_000 and whole["text"].duplicated().sum() == 96
+        stats = summary["statistics"]
+        assert stats["test"]["duplicate_texts"] == 199
+        assert stats["test"]["texts_in_other_split"] == 123
+        for split in ("train", "validation"):
+            assert stats[split]["duplicate_texts"] == frames[split]["text"].duplicated().sum()
 
 
-def _nulls(train, test):
+def _nulls(train, validation, test):
     train.loc[:4, "text"] = None
 
 
-def _null_label(train, test):
+def _null_label(train, validation, test):
     train["label"] = train["label"].astype("float64")
     train.loc[:1, "label"] = None
 
 
-def _label_two(train, test):
+def _label_two(train, validation, test):
     train.loc[0, "label"] = 2
 
 
-def _empty_text(train, test):
+def _empty_text(train, validation, test):
     train.loc[:2, "text"] = ""
 
 
-def _mostly_positive(train, test):
+def _mostly_positive(train, validation, test):
     train["label"] = [1] * 360 + [0] * 40
 
 
-def _half_duplicates(train, test):
+def _half_duplicates(train, validation, test):
     train.loc[200:, "text"] = train["text"].iloc[:200].to_numpy()
 
 
-def _overlap(train, test):
+def _overlap(train, validation, test):
     test["text"] = train["text"].iloc[:200].to_numpy()
 
 
-def _no_text(train, test):
+def _validation_leak(train, validation, test):
+    validation["text"] = train["text"].iloc[:100].to_numpy()
+
+
+def _validation_labels(train, validation, test):
+    validation.loc[5, "label"] = -1
+
+
+def _no_text(train, validation, test):
     train.drop(columns="text", inplace=True)
 
 
@@ -106,22 +131,29 @@ BROKEN = [
     (_half_duplicates, {}, "train", "expect_column_proportion_of_unique_values_to_be_between",
      "text", "observed 0.5"),
     (_overlap, {}, "test", "expect_column_mean_to_be_between", "in_other_split", "observed 1.0"),
+    (_validation_leak, {}, "validation", "expect_column_mean_to_be_between", "in_other_split",
+     "observed 1.0"),
+    (_validation_labels, {}, "validation", "expect_column_values_to_be_in_set", "label",
+     "e.g. -1 (x1)"),
+    (None, {"val_size": 101}, "validation", "expect_table_row_count_to_equal", None,
+     "observed 100"),
     (_no_text, {}, "train", "expect_column_to_exist", "text", "missing; columns are"),
 ]
 
 
 @pytest.mark.parametrize("breaker, sizes, split, expectation, column, observed", BROKEN,
                          ids=["nulls", "null-label", "label-2", "empty-text", "too-few-rows",
-                              "90%-positive", "50%-duplicates", "train-test-overlap", "no-text"])
+                              "90%-positive", "50%-duplicates", "train-test-overlap",
+                              "train-validation-overlap", "validation-label", "validation-rows",
+                              "no-text"])
 def test_broken_data_fails_with_expectation_and_observed_value(
         smoke_run, imdb_sample, breaker, sizes, split, expectation, column, observed):
     config, paths = smoke_run
-    train, test = imdb_sample["train"].copy(), imdb_sample["test"].copy()
+    train, validation, test = (imdb_sample[s].copy() for s in ("train", "validation", "test"))
     if breaker:
-        breaker(train, test)
-    _write(paths, train, test)
-    config = config.with_overrides(**{"train_size": len(imdb_sample["train"]),
-                                      "test_size": len(imdb_sample["test"]), **sizes})
+        breaker(train, validation, test)
+    _write(paths, train, validation, test)
+    config = config.with_overrides(**{**_sizes(imdb_sample), **sizes})
     with pytest.raises(DataValidationError) as caught:
         validate_dataset(config, paths)
     line = next((ln for ln in str(caught.value).splitlines()
@@ -138,8 +170,9 @@ def test_broken_data_fails_with_expectation_and_observed_value(
 
 def test_missing_text_column_is_reported_not_crashed(smoke_run, imdb_sample):
     config, paths = smoke_run
-    _write(paths, imdb_sample["train"].drop(columns="text"), imdb_sample["test"])
-    config = config.with_overrides(train_size=400, test_size=200)
+    _write(paths, imdb_sample["train"].drop(columns="text"), imdb_sample["validation"],
+           imdb_sample["test"])
+    config = config.with_overrides(**_sizes(imdb_sample))
     with pytest.raises(DataValidationError, match='error: .*column "text".* does not exist'):
         validate_dataset(config, paths)
     assert read_json(paths.validation_json)["statistics"]["train"]["columns"] == [
