@@ -67,7 +67,7 @@ def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
     method = registry.method(variant.method)
     # one process per variant: a second one (a task Airflow thought lost, a CLI run beside
     # a DAG run) would overwrite this one's checkpoints and results
-    with exclusive(paths.results_dir / f".{variant.name}.lock", f"variant {variant.name}"):
+    with exclusive(paths.run_dir / ".locks" / f"{variant.name}.lock", f"variant {variant.name}"):
         return _run(variant, method, config, paths, device)
 
 

@@ -30,8 +30,9 @@ def test_describe_lists_the_settings_and_every_variant():
     assert text.splitlines()[-len(variants):] == [f"  {v.name}" for v in variants]
 
 
-def test_prepare_run_stores_the_config_and_refuses_another_one_for_the_same_id(tmp_path):
-    config = preset_config("smoke", data="/d")
+def test_prepare_run_stores_the_config_and_refuses_another_one_for_the_same_id(tmp_path,
+                                                                               imdb_dir):
+    config = preset_config("smoke", data=str(imdb_dir))
     paths = prepare_run(config, "r1", tmp_path / "a", tmp_path / "r")
     assert read_json(paths.config_json) == config.to_dict()
     assert (paths.run_dir / "environment.json").exists()

@@ -280,10 +280,11 @@ def test_seeds_of_a_configuration_are_one_row_with_mean_sd_and_n_and_seed_rows_b
     body = _row_html(html, "lora_r4_qkvo_lr2e-3")
     rows = body.split("<tr ")[1:]
     assert [r.split('"')[1] for r in rows] == ["main", "seed", "seed", "seed"]
-    assert 'LoRA r=4 qkvo, lr 2e-3 <span class="badge chosen"' in rows[0] and ">3/3<" in rows[0]
+    # one LoRA configuration: selected, but with no choice to show no "selected" badge
+    assert 'LoRA r=4 qkvo, lr 2e-3<span class="sub2">' in rows[0] and ">3/3<" in rows[0]
     assert "83.0%" in rows[0] and "± 2.0 over 3 seeds" in rows[0]
     for row, seed, acc in zip(rows[1:], SEEDS, ("85.0%", "83.0%", "81.0%")):
-        assert f"LoRA r=4 qkvo, lr 2e-3, seed {seed}" in row and acc in row
+        assert f"></span>seed {seed}<" in row and acc in row
         assert f"<code>lora_r4_qkvo_lr2e-3_s{seed}</code>" in row
     md = (seeds_run[1] / "comparison.md").read_text()
     assert "| LoRA r=4 qkvo, lr 2e-3 (LoRA) | 3/3 |" in md and "83.0% (± 2.0 over 3 seeds)" in md
@@ -352,12 +353,12 @@ def test_comparison_csv_has_one_row_per_configuration_with_its_numbers(full_run)
 
 def test_comparison_markdown_is_a_table_of_every_configuration(full_run):
     lines = (full_run[1].parent / "comparison.md").read_text().splitlines()
-    assert lines[0].startswith("| Configuration | Seeds | Validation accuracy | Test accuracy |")
+    assert lines[0].startswith("| Configuration | Seeds | Validation acc. | Test acc. |")
     assert lines[1].startswith("|---")
     assert len(lines) == 2 + 8
     row = next(line for line in lines if line.startswith("| LoRA r=4 qkvo, lr 2e-3, seed 42 "))
     assert "| 84.0% | 83.0% (" in row and "36,000 (0.90% of 4,000,000)" in row
-    assert "merged 2.10 ms" in row
+    assert "2.10 ms (unmerged 2.60 ms · base 2.00 ms)" in row  # merged, then the others
 
 
 def test_seed_heuristic_notes_are_shown(full_run):

@@ -41,8 +41,9 @@ def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, mon
     assert {"expect_column_values_to_not_be_null", "expect_column_values_to_be_in_set",
             "expect_table_row_count_to_equal", "expect_column_mean_to_be_between",
             "expect_column_proportion_of_unique_values_to_be_between"} <= kinds
-    assert len(summary["expectations"]) == 3 * 12  # twelve per split
-    assert {e["split"] for e in summary["expectations"]} == {"train", "validation", "test"}
+    subsets = [e for e in summary["expectations"] if not e["split"].startswith("source")]
+    assert len(subsets) == 3 * 13  # thirteen per subset
+    assert {e["split"] for e in subsets} == {"train", "validation", "test"}
     assert all(e["success"] for e in summary["expectations"])
     assert {"split", "expectation", "column", "kwargs", "success", "observed_value",
             "unexpected_count", "unexpected_percent"} <= set(summary["expectations"][0])
@@ -56,7 +57,8 @@ def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, pr
     texts in both splits)."""
     from tasks.pipeline import prepare_run
 
-    config = preset_config(preset, data=str(imdb_dir))
+    # methods that need no model: the hub's DistilBERT is out of reach here
+    config = preset_config(preset, data=str(imdb_dir), methods=["majority"])
     paths = prepare_run(config, f"validate-{preset}", artifacts, artifacts.parent / "reports")
     data.download_dataset(config, paths)
     started = time.perf_counter()
