@@ -5,6 +5,7 @@ PIP := .venv/bin/pip
 export LORAFLOW_DATA ?= $(abspath ../shared/data/imdb)
 export AIRFLOW_HOME ?= $(CURDIR)/airflow_home
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE ?= 0
 PRESET ?= cpu
@@ -36,7 +37,7 @@ bench:
 	.venv/bin/loraflow bench
 
 lint:
-	.venv/bin/ruff check lora_core tasks dags tests bench
+	.venv/bin/ruff check lora_core tasks dags plugins tests bench
 
 clean:
 	rm -rf artifacts airflow_home reports/*/ reports/index.html
