@@ -71,6 +71,9 @@ def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_p
             form.get_by_role("button", name="Data subset").click()
             for name, value in SMALL.items():
                 form.locator(f"input[name=element_{name}]").fill(str(value))
+            form.get_by_role("button", name="Sweep").click()
+            form.locator("#element_baselines").click()  # one baseline: a shorter run
+            page.get_by_role("option", name="majority", exact=True).click()
             with page.expect_response(lambda r: r.request.method == "POST"
                                       and r.url.endswith(f"/dags/{DAG_ID}/dagRuns")) as created:
                 form.get_by_role("button", name="Trigger", exact=True).click()
@@ -78,6 +81,7 @@ def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_p
             run = created.value.json()
             assert run["conf"]["preset"] == "smoke"
             assert {k: run["conf"][k] for k in SMALL} == SMALL
+            assert run["conf"]["baselines"] == ["majority"]
 
             run_api = f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run['dag_run_id'], safe='')}"
 
