@@ -1,10 +1,15 @@
-# One setup command and one test command (README.md). Everything lives in .venv.
+# `make run` and `make test` work as the first command on a fresh clone: both install
+# what they need first (README.md). Everything lives in .venv.
 SHELL := /bin/bash
 PY := .venv/bin/python
 PIP := .venv/bin/pip
+# Written by the last successful setup; older than pyproject.toml or constraints.txt
+# means the installed set is stale, and the next target that needs .venv reinstalls.
+SETUP_DONE := .venv/.setup-done
 export LORAFLOW_DATA ?= $(abspath ../shared/data/imdb)
 export AIRFLOW_HOME ?= $(CURDIR)/airflow_home
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE ?= 0
 PRESET ?= cpu
@@ -12,31 +17,37 @@ PORT ?= 8280
 
 .PHONY: setup test test-fast run ui bench lint clean
 
-setup:  ## create .venv: CPU torch where no CUDA GPU is present, then the project and dev tools
+setup:  ## (re)install everything, even when it looks up to date
+	$(MAKE) --always-make $(SETUP_DONE)
+
+# .venv: CPU torch where no CUDA GPU is present, then the project and dev tools; Chromium
+# for the browser tests; the Airflow home.
+$(SETUP_DONE): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0 -c constraints.txt; fi
 	$(PIP) install -q -e '.[dev]' -c constraints.txt
 	bash scripts/install_chromium.sh
 	bash scripts/airflow_init.sh
+	touch $@
 
-test:  ## the whole suite, slow tests included (what CI runs)
+test: $(SETUP_DONE)  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast:  ## skip the slow, browser and scheduler tests
+test-fast: $(SETUP_DONE)  ## skip the slow, browser and scheduler tests
 	$(PY) -m pytest -q -m "not slow and not browser and not scheduler"
 
-run:  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
+run: $(SETUP_DONE)  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
 	bash scripts/run_dag.sh $(PRESET)
 
-ui:  ## Airflow web UI (standalone) on http://127.0.0.1:$(PORT)
+ui: $(SETUP_DONE)  ## Airflow web UI (standalone) on http://127.0.0.1:$(PORT)
 	bash scripts/airflow_ui.sh $(PORT)
 
-bench:
+bench: $(SETUP_DONE)
 	.venv/bin/loraflow bench
 
-lint:
-	.venv/bin/ruff check lora_core tasks dags tests bench
+lint: $(SETUP_DONE)
+	.venv/bin/ruff check lora_core tasks dags plugins tests bench
 
 clean:
 	rm -rf artifacts airflow_home reports/*/ reports/index.html

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Sourced by the airflow_*.sh scripts: one Airflow home inside the project (SQLite,
-# LocalExecutor), the project's DAG folder, and the project importable as `tasks` even
-# before `pip install -e .`. Values already exported (e.g. by the Makefile) win.
+# LocalExecutor), the project's DAG and plugin folders, and the project importable as
+# `tasks` even before `pip install -e .`. Values already exported (e.g. by the Makefile) win.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/airflow_home}"
 export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$ROOT/dags}"
+export AIRFLOW__CORE__PLUGINS_FOLDER="${AIRFLOW__CORE__PLUGINS_FOLDER:-$ROOT/plugins}"  # the Report tab
 export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # `airflow standalone` starts its components as `airflow ...` from PATH.

@@ -2,8 +2,11 @@
 # The Airflow web UI on this machine (`airflow standalone`: API server + UI, scheduler,
 # DAG processor, triggerer; LocalExecutor, SQLite), then how to log in.
 #   scripts/airflow_ui.sh [PORT]    (default 8280; Ctrl-C stops everything)
+# No schedule unless LORAFLOW_SCHEDULE is set: unpausing the DAG here (the trigger form
+# does it) must not start a `cpu` run of its own.
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
+export LORAFLOW_SCHEDULE="${LORAFLOW_SCHEDULE:-none}"
 PORT="${1:-8280}"
 case "$PORT" in
     8793|8794) echo "port $PORT is taken by the scheduler's / triggerer's log server; pick another" >&2; exit 2 ;;
@@ -48,6 +51,8 @@ for _ in $(seq 1 300); do
   username:    admin
   password:    $password     (from $PASSWORDS)
   Trigger a run with the ▶ button: pick a preset; empty fields keep the preset's values.
+  A run's report: its Report tab; all runs: $URL/loraflow/reports/index.html
+  Schedule:    $LORAFLOW_SCHEDULE (LORAFLOW_SCHEDULE)
   Ctrl-C stops Airflow.
 
 MSG

@@ -22,7 +22,6 @@ PYEOF
 
 [ -e "$AIRFLOW_HOME/airflow.db" ] || bash "$ROOT/scripts/airflow_init.sh"
 RUNS="$("$PY" -c 'from tasks.paths import artifacts_root; print(artifacts_root() / "runs")')"
-REPORTS="$("$PY" -c 'from tasks.paths import reports_root; print(reports_root())')"
 
 marker="$(mktemp)"
 trap 'rm -f "$marker"' EXIT
@@ -37,7 +36,16 @@ if [ -z "$run_dir" ]; then
     echo "error: no run folder under $RUNS: the run was refused or failed before prepare (see the log above)" >&2
     exit 1
 fi
-report="$REPORTS/$(basename "$run_dir")/report.html"
+# The run's report folder (tasks.paths.report_slug), or the raw run id (older reports).
+report="$("$PY" - "$run_dir" <<'PYEOF'
+import sys
+from tasks.paths import RunPaths, reports_root
+paths = RunPaths.from_run_dir(sys.argv[1])
+found = [d / "report.html" for d in (paths.report_dir, reports_root() / paths.run_id)
+         if (d / "report.html").is_file()]
+print((found or [paths.report_dir / "report.html"])[0])
+PYEOF
+)"
 echo "run: $run_dir"
 if [ -f "$report" ]; then
     echo "report: $report"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -22,6 +22,7 @@ from typing import Any
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation", "test")  # the run's three disjoint subsets
 _RUN_ID_OK = re.compile(r"^[A-Za-z0-9._+:-]+$")
+_SLUG_KEEPS = re.compile(r"[A-Za-z0-9_-]|(?<!^)\.")  # a leading '.' would hide the folder
 
 
 def artifacts_root() -> Path:
@@ -41,13 +42,26 @@ def safe_run_id(run_id: str) -> str:
 
 
 def report_slug(run_id: str) -> str:
-    """The run's report folder name, safe in a URL path: the run id itself when it holds
-    only letters, digits and . _ -; else those characters kept, others turned into '-',
-    and 8 hex digits of the id's SHA-256 appended, so two run ids never share a folder."""
-    if re.fullmatch(r"[A-Za-z0-9._-]+", run_id) and run_id not in {".", ".."}:
-        return run_id
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9._-]", "-", run_id) + "_" + digest
+    """The run's folder under the reports root, and its name in report URLs: the run id with
+    every other character written ~XX (hex), as in percent-encoding, so
+    `manual__2026-11-29T13:23:57.899928+00:00` gives
+    `manual__2026-11-29T13~3A23~3A57.899928~2B00~3A00`. Reversible, so two run ids never
+    share a folder; only URL-unreserved characters (RFC 3986), so it needs no quoting."""
+    return "".join(c if _SLUG_KEEPS.match(run_id, i) else f"~{ord(c):02X}"
+                   for i, c in enumerate(safe_run_id(run_id)))
+
+
+def report_url(run_id: str, base_url: str | None = None) -> str:
+    """The run's report as the Airflow API server serves it (plugins/loraflow_reports.py):
+    `[api] base_url` (AIRFLOW__API__BASE_URL) + /loraflow/reports/<slug>/report.html; only
+    the path when no base URL is configured."""
+    if base_url is None:
+        conf = getattr(sys.modules.get("airflow.configuration"), "conf", None)
+        # In an Airflow process its config (airflow.cfg or the environment); elsewhere
+        # importing Airflow just for this would create $AIRFLOW_HOME, so the environment.
+        base_url = (conf.get("api", "base_url", fallback="") if conf is not None
+                    else os.environ.get("AIRFLOW__API__BASE_URL", "")) or ""
+    return f"{base_url.rstrip('/')}/loraflow/reports/{report_slug(run_id)}/report.html"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from tasks.pipeline import prepare_run
 IMDB_DIR = Path(os.environ.get("LORAFLOW_DATA", Path(__file__).resolve().parents[2] / "shared/data/imdb"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("LORAFLOW_DATA", str(IMDB_DIR))  # the presets' data, as under `make test`
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # One intra-op thread (before torch is imported, so subprocesses inherit it too): the test

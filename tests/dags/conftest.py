@@ -17,12 +17,14 @@ import pytest
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 DAGS_DIR = PROJECT_DIR / "dags"
+PLUGINS_DIR = PROJECT_DIR / "plugins"
 DAG_ID = "lora_imdb_experiment"
 
 _HOME = Path(tempfile.mkdtemp(prefix="loraflow-airflow-home-"))
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["AIRFLOW_HOME"] = str(_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_DIR)
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(PLUGINS_DIR)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)  # SQLite in _HOME
 os.environ.pop("LORAFLOW_SCHEDULE", None)  # the tests parse the DAG with its default schedule
