@@ -6,19 +6,27 @@ LoRA and full fine-tuning reach, at what cost? Every number in the report is mea
 this run; every choice (learning rate, LoRA rank and targets) is made on a validation
 subset, and the test subset is scored once per variant.
 
-    prepare ─► download_dataset ─► validate_dataset ─► tokenize ─┬─► cpu_variants  (methods without the encoder)
-       │                                                          └─► gpu_variants  (methods that run the encoder) [pool gpu, queue gpu]
-       └─► plan_cpu_variants, plan_gpu_variants (the lists the mapped tasks expand over)
-    all variants ─► report          (runs even when some failed, and shows them as failed)
-                 ─► check_variants  (fails the run if any variant failed; skipped otherwise)
+```text
+prepare ─► download_dataset
+        ─► validate_dataset ─► tokenize
+tokenize ─┬─► cpu_variants   no encoder: CPU
+          └─► gpu_variants   encoder: pool gpu
+variants ─► report, check_variants
+```
+
+One mapped task per variant; the registry of methods decides which of the two it
+joins. `report` runs even when variants failed and shows them; `check_variants` then
+fails the run.
 
 **Trigger form.** Pick a *preset*; every other field left empty keeps the preset's value.
-Out-of-range values are refused when you trigger; combinations the schema cannot express
-are checked by `prepare`, which fails before any data is touched.
+Values the schema refuses are refused when you trigger (the form's number fields move a
+value outside their bounds to the nearest bound; the REST API refuses it); the rest
+(model, targets, ranks, data source and sizes) is checked by `prepare` before any data
+is touched.
 
-**Where things go.** Artifacts: `$LORAFLOW_ARTIFACTS/runs/<run_id>/` (default
-`artifacts/`); the report: the run's *Report* tab, or `$LORAFLOW_REPORTS/` (default
-`reports/`).
+**Where things go.** The report: the run's *Report* tab (all runs: *LoRA reports* in
+the menu), or `$LORAFLOW_REPORTS/` (default `reports/`); artifacts:
+`$LORAFLOW_ARTIFACTS/runs/<run_id>/` (default `artifacts/`).
 
 **GPUs.** Every variant whose method runs the encoder uses pool `gpu` (one slot per GPU)
 and queue `gpu`; inside, a GPU lease (a lock per device) keeps two tasks off one GPU.
@@ -64,15 +72,29 @@ from tasks.registry import TARGETS_PATTERN
 DAG_ID = "lora_imdb_experiment"
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
 EMPTY = " Leave empty to keep the preset's value."
-MINUTES_ON_CPU = {"smoke": "about 2 minutes", "cpu": "about 7 minutes", "seed": "hours",
-                  "paper": "days"}  # through Airflow on a 2-core machine, no GPU
+# Wall time through Airflow (`make run`) on a 2-core machine without a GPU, measured.
+TIME_ON_CPU = {"smoke": "2 min", "cpu": "7 min", "seed": "hours: use a GPU",
+               "paper": "days: use a GPU"}
 
 
-def _preset_line(name: str) -> str:
-    c = preset_config(name, data="hub")
-    return (f"{name}: {c.model}, {c.train_size:,} / {c.val_size:,} / {c.test_size:,} reviews, "
-            f"{c.max_length} tokens, {c.epochs} epoch(s), {', '.join(c.methods)}; "
-            f"{MINUTES_ON_CPU[name]} on a CPU")
+def _preset_table() -> str:
+    """The presets' values as a Markdown table for the form (rendered there)."""
+    lines = ["| preset | model | train / val / test | tokens | epochs | methods | "
+             "2-core CPU |", "|---|---|---|---|---|---|---|"]
+    for name in PRESETS:
+        c = preset_config(name, data="hub")
+        lines.append(f"| `{name}` | {c.model} | {c.train_size:,} / {c.val_size:,} / "
+                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | "
+                     f"{', '.join(c.methods)} | {TIME_ON_CPU[name]} |")
+    return "\n".join(lines)
+
+
+def _schedule_text() -> str:
+    value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
+    if value.lower() in ("", "none", "null"):
+        return "No schedule: this DAG runs only when triggered."
+    return (f"Schedule: `{value}` (UTC) with the default preset `{DEFAULT_PRESET}`; "
+            "triggering here does not change it, but unpausing the DAG starts it.")
 
 
 def _list(kind: str, **items: Any) -> dict[str, Any]:
@@ -80,24 +102,28 @@ def _list(kind: str, **items: Any) -> dict[str, Any]:
 
 
 PARAMS: dict[str, Param] = {
+    # No section: Airflow opens only the unsectioned "Run Parameters" group by default, so
+    # what a run will do is visible without a click.
     "preset": Param(
-        DEFAULT_PRESET, type="string", enum=list(PRESETS), title="Preset", section="Experiment",
-        description="Named starting point; the fields below override single values.",
-        values_display={name: _preset_line(name) for name in PRESETS},
+        DEFAULT_PRESET, type="string", enum=list(PRESETS), title="Preset",
+        description_md="Named starting point; the fields below override single values. "
+                       + _schedule_text() + "\n\n" + _preset_table(),
+        values_display={name: f"{name}: {PRESETS[name]['model']}, {TIME_ON_CPU[name]} on a CPU"
+                        for name in PRESETS},
     ),
     "methods": Param(
         None, **_list("string", enum=list(registry.METHODS)), title="Methods",
-        section="Experiment", examples=list(registry.METHODS),
+        examples=list(registry.METHODS),
         description="Which methods run: " + "; ".join(
             f"{m.name}: {m.description}" for m in registry.METHODS.values()) + "." + EMPTY,
     ),
     "model": Param(
-        None, type=["null", "string"], title="Model", section="Experiment",
+        None, type=["null", "string"], title="Model",
         description="A Hugging Face hub id, a local model folder, embedded-minilm or "
                     "tiny-distilbert." + EMPTY,
     ),
     "data": Param(
-        None, type=["null", "string"], title="Data", section="Experiment",
+        None, type=["null", "string"], title="Data",
         description="hub (stanfordnlp/imdb), an https:// URL of aclImdb_v1.tar.gz, or a "
                     "local folder (Parquet files or an extracted aclImdb/)." + EMPTY
                     + " The presets use $LORAFLOW_DATA when it is set.",
@@ -285,11 +311,14 @@ def lora_imdb_experiment():
     # all_done: the report also shows failed variants (and says so when none succeeded).
     @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30))
     def report(run_dir: str | None) -> str:
+        from tasks.paths import report_url
         from tasks.report import build_report
 
         if run_dir is None:  # prepare failed: there is no run folder to report on
             raise AirflowSkipException("no run folder: prepare failed (see its log)")
-        return str(build_report(run_dir))
+        page = str(build_report(run_dir))
+        print(f"report: {report_url(get_current_context()['run_id'])}")  # the log's last line
+        return page
 
     # The report is the only other leaf and succeeds even when variants failed; this leaf
     # keeps the run's state honest (failed if any variant failed, skipped otherwise).

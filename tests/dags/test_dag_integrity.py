@@ -138,10 +138,13 @@ def test_params_are_the_design_names_with_descriptions(dag):
                                 "test_size", "max_length", "epochs", "batch_size", "precision",
                                 "lora_lr", "full_lr", "ranks", "targets", "seeds"]
     for name, param in dag.params.items():
-        assert param.description, name
+        assert param.description or param.schema.get("description_md"), name
         if name != "preset":  # every override is optional: empty keeps the preset's value
             assert param.value is None and "null" in param.schema["type"], name
     assert dag.params.get_param("preset").value == "cpu"
+    # the form shows each preset's values, its time on a CPU and the schedule
+    table = dag.params.get_param("preset").schema["description_md"]
+    assert "| `smoke` | tiny-distilbert | 256 / 64 / 128 |" in table and "Schedule:" in table
 
 
 def test_params_are_built_from_the_registry_and_the_config(dag):

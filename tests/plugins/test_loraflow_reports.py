@@ -67,7 +67,7 @@ def test_a_report_and_its_relative_links_are_served(client):
     index = client.get(f"/loraflow/reports/{slug}/../index.html")  # as a browser resolves it
     assert index.status_code == 200 and f'href="./{slug}/report.html"' in index.text
     csv = client.get(f"/loraflow/reports/{slug}/comparison.csv")
-    assert csv.status_code == 200 and csv.text.startswith("variant")
+    assert csv.status_code == 200 and csv.text.startswith("name,method,label")
     assert client.get("/loraflow/reports/").text == index.text  # the folder: its index
 
 

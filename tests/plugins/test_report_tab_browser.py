@@ -64,16 +64,14 @@ def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_p
             # The trigger form: pick `smoke` (the default is `cpu`), shrink it further.
             page.get_by_role("button", name="Trigger").first.click()
             form = page.get_by_role("dialog")
-            form.get_by_role("button", name="Experiment").click()
-            form.locator("#element_preset").click()
+            form.locator("#element_preset").click()  # in the section that opens by itself
             page.get_by_role("option", name=re.compile(r"^smoke")).click()
             _screenshot(page, tmp_path, "trigger_form.png")
+            form.locator("#element_methods").click()  # one method: a shorter run
+            page.get_by_role("option", name="majority", exact=True).click()
             form.get_by_role("button", name="Data subset").click()
             for name, value in SMALL.items():
                 form.locator(f"input[name=element_{name}]").fill(str(value))
-            form.get_by_role("button", name="Sweep").click()
-            form.locator("#element_baselines").click()  # one baseline: a shorter run
-            page.get_by_role("option", name="majority", exact=True).click()
             with page.expect_response(lambda r: r.request.method == "POST"
                                       and r.url.endswith(f"/dags/{DAG_ID}/dagRuns")) as created:
                 form.get_by_role("button", name="Trigger", exact=True).click()
@@ -81,7 +79,7 @@ def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_p
             run = created.value.json()
             assert run["conf"]["preset"] == "smoke"
             assert {k: run["conf"][k] for k in SMALL} == SMALL
-            assert run["conf"]["baselines"] == ["majority"]
+            assert run["conf"]["methods"] == ["majority"]
 
             run_api = f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run['dag_run_id'], safe='')}"
 
