@@ -16,7 +16,7 @@ setup:  ## create .venv: CPU torch where no CUDA GPU is present, then the projec
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0 -c constraints.txt; fi
-	$(PIP) install -q -e '.[dev]' -c constraints.txt
+	$(PIP) install -q -e '.[dev,celery]' -c constraints.txt
 	bash scripts/install_chromium.sh
 	bash scripts/airflow_init.sh
 
