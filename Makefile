@@ -9,8 +9,10 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE ?= 0
 PRESET ?= cpu
 PORT ?= 8280
+CLUSTER_PORT ?= 8380
+GPU_WORKERS ?=
 
-.PHONY: setup test test-fast run ui bench lint clean
+.PHONY: setup test test-fast run ui cluster cluster-stop bench lint clean
 
 setup:  ## create .venv: CPU torch where no CUDA GPU is present, then the project and dev tools
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +34,12 @@ run:  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print
 ui:  ## Airflow web UI (standalone) on http://127.0.0.1:$(PORT)
 	bash scripts/airflow_ui.sh $(PORT)
 
+cluster:  ## CeleryExecutor on this machine (PostgreSQL, Redis, default + GPU_WORKERS gpu workers), API on CLUSTER_PORT
+	$(PY) scripts/loraflow_cluster.py start --port $(CLUSTER_PORT) $(if $(GPU_WORKERS),--gpu-workers $(GPU_WORKERS))
+
+cluster-stop:  ## stop every process `make cluster` started
+	$(PY) scripts/loraflow_cluster.py stop
+
 bench:
 	.venv/bin/loraflow bench
 
@@ -39,4 +47,4 @@ lint:
 	.venv/bin/ruff check lora_core tasks dags tests bench
 
 clean:
-	rm -rf artifacts airflow_home reports/*/ reports/index.html
+	rm -rf artifacts airflow_home airflow_cluster reports/*/ reports/index.html
