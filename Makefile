@@ -25,8 +25,8 @@ setup:  ## create .venv: CPU torch where no CUDA GPU is present, then the projec
 test:  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast:  ## skip the slow, browser and scheduler tests
-	$(PY) -m pytest -q -m "not slow and not browser and not scheduler"
+test-fast:  ## skip the slow, browser, scheduler and cluster tests
+	$(PY) -m pytest -q -m "not slow and not browser and not scheduler and not cluster"
 
 run:  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
 	bash scripts/run_dag.sh $(PRESET)
