@@ -6,7 +6,7 @@
     python scripts/loraflow_cluster.py trigger '{"preset": "smoke"}' [--wait]
     python scripts/loraflow_cluster.py stop
 
-What `start` runs, each component in its own process group (PIDs in <home>/cluster.json):
+What `start` runs, each component in a session of its own (PIDs in <home>/cluster.json):
 - metadata database: its own PostgreSQL database (`loraflow_airflow`, created here);
   Redis is the Celery broker and result backend;
 - api-server (UI, REST and Task Execution API), scheduler, dag-processor, triggerer;
@@ -95,8 +95,9 @@ def components(opts: argparse.Namespace, gpus: int) -> list[Component]:
     ]
     workers = [("default", "default", opts.default_concurrency, {})]
     for i in range(opts.gpu_workers):
-        # A GPU of its own; on a CPU-only machine, none, and a share of the cores.
-        env = {"CUDA_VISIBLE_DEVICES": str(i) if gpus else ""}
+        # A GPU of its own (none beyond the GPUs there are); on a CPU-only machine, a share
+        # of the cores.
+        env = {"CUDA_VISIBLE_DEVICES": str(i) if i < gpus else ""}
         if not gpus and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // opts.gpu_workers))
         workers.append((f"gpu-{i}", "gpu", 1, env))
@@ -248,9 +249,11 @@ def kill(procs: list, grace_s: float) -> None:
 
 
 def _name(proc) -> str:
+    import psutil
+
     try:
         return " ".join(proc.cmdline())[:60] or proc.name()
-    except Exception:  # gone meanwhile
+    except psutil.Error:  # gone meanwhile
         return str(proc.pid)
 
 
