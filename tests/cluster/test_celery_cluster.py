@@ -150,8 +150,10 @@ def cluster(tmp_path_factory, imdb_dir):
         raise
     finally:
         subprocess.run(stop, env=env, capture_output=True, timeout=120, check=False)
-        _drop_database(database)
-        _drop_redis_keys(redis_url, f"{database}:")
+        try:
+            _drop_database(database)
+        finally:
+            _drop_redis_keys(redis_url, f"{database}:")
 
 
 def _drop_database(name: str) -> None:
