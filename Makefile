@@ -14,8 +14,10 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE ?= 0
 PRESET ?= cpu
 PORT ?= 8280
+CLUSTER_PORT ?= 8380
+GPU_WORKERS ?=
 
-.PHONY: setup test test-fast run ui bench lint clean
+.PHONY: setup test test-fast run ui cluster cluster-stop bench lint clean
 
 setup:  ## (re)install everything, even when it looks up to date
 	$(MAKE) --always-make $(SETUP_DONE)
@@ -26,7 +28,7 @@ $(SETUP_DONE): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0 -c constraints.txt; fi
-	$(PIP) install -q -e '.[dev]' -c constraints.txt
+	$(PIP) install -q -e '.[dev,celery]' -c constraints.txt
 	bash scripts/install_chromium.sh
 	bash scripts/airflow_init.sh
 	touch $@
@@ -34,14 +36,20 @@ $(SETUP_DONE): pyproject.toml constraints.txt
 test: $(SETUP_DONE)  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast: $(SETUP_DONE)  ## skip the slow, browser and scheduler tests
-	$(PY) -m pytest -q -m "not slow and not browser and not scheduler"
+test-fast: $(SETUP_DONE)  ## skip the slow, browser, scheduler and cluster tests
+	$(PY) -m pytest -q -m "not slow and not browser and not scheduler and not cluster"
 
 run: $(SETUP_DONE)  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
 	bash scripts/run_dag.sh $(PRESET)
 
 ui: $(SETUP_DONE)  ## Airflow web UI (standalone) on http://127.0.0.1:$(PORT)
 	bash scripts/airflow_ui.sh $(PORT)
+
+cluster: $(SETUP_DONE)  ## CeleryExecutor on this machine (PostgreSQL, Redis, default + GPU_WORKERS gpu workers), API on CLUSTER_PORT
+	$(PY) scripts/loraflow_cluster.py start --port $(CLUSTER_PORT) $(if $(GPU_WORKERS),--gpu-workers $(GPU_WORKERS))
+
+cluster-stop:  ## stop every process `make cluster` started
+	$(PY) scripts/loraflow_cluster.py stop
 
 bench: $(SETUP_DONE)
 	.venv/bin/loraflow bench
@@ -50,4 +58,4 @@ lint: $(SETUP_DONE)
 	.venv/bin/ruff check lora_core tasks dags plugins tests bench
 
 clean:
-	rm -rf artifacts airflow_home reports/*/ reports/index.html
+	rm -rf artifacts airflow_home airflow_cluster reports/*/ reports/index.html
