@@ -56,9 +56,11 @@ def gpu_lease(timeout_s: float | None = None, poll_s: float = 2.0) -> Iterator[s
 
     folder = lock_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    # Indices are as this process sees them (CUDA_VISIBLE_DEVICES): every worker on a host
-    # must see the same device list, which is the default.
-    locks = [FileLock(folder / f"gpu-{i}.lock") for i in range(count)]
+    # Locks are named by physical device: workers pinned to different GPUs with
+    # CUDA_VISIBLE_DEVICES all see theirs as cuda:0, and must not queue behind each other.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(count)]
+    locks = [FileLock(folder / f"gpu-{ids[i]}.lock") for i in range(count)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waited = False
     while True:

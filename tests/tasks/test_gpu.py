@@ -3,6 +3,7 @@ the CPU where there is no CUDA. CUDA is faked by the device count; the locks are
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from tasks import gpu
 @pytest.fixture
 def two_gpus(monkeypatch, artifacts):
     monkeypatch.delenv("LORAFLOW_DEVICE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 2)
     return artifacts / "locks"
 
@@ -117,3 +119,18 @@ def test_a_device_locked_by_another_process_is_skipped(two_gpus):
         other.communicate("\n", timeout=10)
     with gpu.gpu_lease() as device:  # freed when the other process let go
         assert device == "cuda:0"
+
+
+def test_workers_pinned_to_different_gpus_lock_their_physical_devices(monkeypatch, artifacts):
+    """Each Celery gpu worker sees its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES=<i>): its
+    lock must name the physical GPU, or all workers would queue behind gpu-0.lock."""
+    monkeypatch.delenv("LORAFLOW_DEVICE", raising=False)
+    monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 1)
+    with contextlib.ExitStack() as stack:
+        held = []
+        for physical in ("0", "1"):
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", physical)
+            # the second lease must not wait for the first (timeout 0.5 s)
+            held.append(stack.enter_context(gpu.gpu_lease(timeout_s=0.5, poll_s=0.1)))
+        assert held == ["cuda:0", "cuda:0"]
+        assert sorted(p.name for p in gpu.lock_dir().iterdir()) == ["gpu-0.lock", "gpu-1.lock"]
