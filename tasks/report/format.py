@@ -144,7 +144,7 @@ def _latency_detail(row: dict[str, Any]) -> str | None:
 
 COLUMNS = (
     Column("Configuration", ("name", "method", "label"), lambda r: r["label"],
-           lambda r: r["method_label"] if r["method_label"] != r["label"] else None,
+           lambda r: None if r["label"].startswith(r["method_label"]) else r["method_label"],
            numeric=False),
     Column("Seeds", ("n", "n_total", "seeds"), lambda r: f"{r['n']}/{r['n_total']}"),
     Column("Validation acc.", ("validation_accuracy", "validation_sd"),

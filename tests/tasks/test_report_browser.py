@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks import registry
 from tasks.report import build_report
 from tests.tasks.fixtures_report import XSS, make_run
 
@@ -49,6 +50,12 @@ def _open(page, url: str) -> dict[str, list[str]]:
     return seen
 
 
+HIDDEN_COLUMNS = ("[...document.querySelectorAll('table')].filter("
+                  "t => t.getBoundingClientRect().right > window.innerWidth"
+                  " || t.scrollWidth > t.parentElement.clientWidth + 1).map(t => t.className)")
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")  # matplotlib's cycle
+
+
 def test_report_opens_offline_without_errors_or_requests(tmp_path):
     sync_playwright = _browser_or_skip()
     reports = tmp_path / "reports"
@@ -64,8 +71,17 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             seen = _open(page, report.as_uri())
             assert page.title() == "loraflow · fixture-run"
-            # the page is laid out for its width: nothing sticks out sideways
+            # the page is laid out for its width: nothing sticks out sideways, and no table
+            # hides columns behind a scroll bar of its own
             assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+            assert page.evaluate(HIDDEN_COLUMNS) == []
+            # one colour per method in every figure: LoRA's in the accuracy, loss and cost
+            # plots alike, and no colour from matplotlib's default cycle anywhere
+            svgs = page.evaluate("[...document.querySelectorAll('figure svg')]"
+                                 ".map(s => s.outerHTML.toLowerCase())")
+            lora = registry.method("lora").color.lower()
+            assert sum(lora in svg for svg in svgs) >= 4
+            assert not any(default in svg for svg in svgs for default in TAB10)
             sizes = page.evaluate(
                 "[...document.querySelectorAll('svg')].map(s => s.getBoundingClientRect().height)"
             )
@@ -91,6 +107,12 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
             index = browser.new_page(viewport={"width": 1280, "height": 900})
             seen_index = _open(index, (reports / "index.html").as_uri())
             assert index.locator("a[href='./fixture-run/report.html']").count() == 1
+            assert index.evaluate("document.documentElement.scrollWidth") <= 1280
+            assert index.evaluate(HIDDEN_COLUMNS) == []
+            trend = index.locator("figure svg").first.inner_html().lower()
+            # the methods' lines stay distinguishable when their values coincide
+            for name in ("lora", "full_finetune", "tfidf_logreg"):
+                assert registry.method(name).color.lower() in trend, name
             index.screenshot(path=str(tmp_path / "index.png"), full_page=True)
         finally:
             browser.close()
