@@ -328,7 +328,9 @@ class Api:
 
 
 def run_table(api: Api, run_id: str) -> str:
-    """Tasks of a run in start order: worker (task instance hostname), queue, start, end."""
+    """Tasks of a run in start order: worker (task instance hostname), queue, queued, start,
+    end. `wait` = queued -> start: Airflow's own overhead per task (scheduler, broker,
+    worker, task process start), before any of our code runs."""
     from datetime import datetime
 
     run = api.run(run_id)
@@ -339,12 +341,16 @@ def run_table(api: Api, run_id: str) -> str:
 
     rows = sorted(api.task_instances(run_id), key=lambda t: t["start_date"] or "~")
     lines = [f"run {run_id}: {run['state']}, {len(rows)} task instances, times in s from the run's start",
-             f"{'task':<34} {'queue':<8} {'worker':<28} {'start':>6} {'end':>6} {'try':>3}"]
+             f"{'task':<34} {'queue':<8} {'worker':<28} {'queued':>6} {'start':>6} {'end':>6} "
+             f"{'wait':>5} {'try':>3}"]
     for t in rows:
         name = t["task_id"] + (f"[{t['rendered_map_index'] or t['map_index']}]"
                                if t["map_index"] >= 0 else "")
+        wait = (f"{(datetime.fromisoformat(t['start_date']) - datetime.fromisoformat(t['queued_when'])).total_seconds():5.1f}"
+                if t.get("queued_when") and t["start_date"] else "    -")
         lines.append(f"{name[:34]:<34} {t['queue'] or '-':<8} {(t['hostname'] or '-')[:28]:<28} "
-                     f"{offset(t['start_date'])} {offset(t['end_date'])} {t['try_number']:>3}")
+                     f"{offset(t.get('queued_when'))} {offset(t['start_date'])} "
+                     f"{offset(t['end_date'])} {wait} {t['try_number']:>3}")
     if run["end_date"]:
         wall = (datetime.fromisoformat(run["end_date"]) - t0).total_seconds()
         lines.append(f"wall time (run start to end): {wall:.1f} s")
