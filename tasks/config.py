@@ -134,9 +134,10 @@ def _check(c: ExperimentConfig) -> None:
              f"string, got {value!r}")
     for name, (kind, low, high) in _BOUNDS.items():
         value = getattr(c, name)
+        bounds = f"[{low:,}, {high:,}]" if kind is int else f"[{low:g}, {high:g}]"
         need(_is_a(value, kind) and low <= value <= high,
-             f"{name} must be a{'n integer' if kind is int else ' number'} in "
-             f"[{low:g}, {high:g}], got {value!r}")
+             f"{name} must be a{'n integer' if kind is int else ' number'} in {bounds}, "
+             f"got {value!r}")
     need(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     for name in ("lora_lr", "full_lr"):
         bad = [x for x in getattr(c, name) if not 0 < x < 1]
