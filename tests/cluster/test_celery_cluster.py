@@ -235,7 +235,9 @@ def test_smoke_sweep_runs_encoder_tasks_on_gpu_workers_two_at_a_time(cluster):
     metrics = cluster.metrics(run_id)
     trained = {v for v, m in metrics.items() if m["method"] in ("lora", "full_finetune")}
     assert len(trained) == 6  # lora r2/r4 x seeds 1/2, full fine-tuning x seeds 1/2
-    assert all(m["status"] == "ok" for m in metrics.values()), metrics
+    # zero-shot has nothing to say on random weights: not_applicable, with its reason
+    assert all(m["status"] == ("not_applicable" if m["method"] == "zero_shot" else "ok")
+               for m in metrics.values()), metrics
     assert cluster.report(run_id).exists()
 
 
@@ -302,7 +304,9 @@ def test_a_killed_gpu_worker_loses_nothing(cluster):
 
     metrics = cluster.metrics(run_id)
     assert {m["method"] for m in metrics.values()} >= {"lora", "full_finetune"}
-    assert all(m["status"] == "ok" for m in metrics.values()), metrics
+    # zero-shot has nothing to say on random weights: not_applicable, with its reason
+    assert all(m["status"] == ("not_applicable" if m["method"] == "zero_shot" else "ok")
+               for m in metrics.values()), metrics
     assert not list(results.glob("*/checkpoints"))  # removed once each variant finished
     assert cluster.report(run_id).exists()
 

@@ -287,7 +287,7 @@ def test_seeds_of_a_configuration_are_one_row_with_mean_sd_and_n_and_seed_rows_b
         assert f"></span>seed {seed}<" in row and acc in row
         assert f"<code>lora_r4_qkvo_lr2e-3_s{seed}</code>" in row
     md = (seeds_run[1] / "comparison.md").read_text()
-    assert "| LoRA r=4 qkvo, lr 2e-3 (LoRA) | 3/3 |" in md and "83.0% (± 2.0 over 3 seeds)" in md
+    assert "| LoRA r=4 qkvo, lr 2e-3 | 3/3 |" in md and "83.0% (± 2.0 over 3 seeds)" in md
     frame = pd.read_csv(seeds_run[1] / "comparison.csv").set_index("name")
     assert frame.loc["lora_r4_qkvo_lr2e-3", "seeds"] == "1 2 3"
     assert frame.loc["lora_r4_qkvo_lr2e-3", "accuracy"] == pytest.approx(0.83)
