@@ -1,18 +1,22 @@
-"""Benchmarks: what LoRA costs and saves per training step and at inference, and what the
-tokenization cache saves. Writes `bench/results/bench.json` and `bench/results/bench.md`.
+"""Benchmarks: loraflow against what users would pick instead, per training step and end
+to end, plus what merging LoRA does to inference and what the tokenization cache saves.
+Writes `bench.json` and `bench.md` into --out (default bench/results).
 
-    loraflow bench            # MiniLM (embedded) and DistilBERT-base dimensions
-    loraflow bench --quick    # tiny DistilBERT only, seconds
+    loraflow bench                       # embedded MiniLM on real IMDB reviews (CPU)
+    loraflow bench --device cuda --out bench/results/gpu   # adds DistilBERT-base dimensions
+    loraflow bench --quick --out /tmp/b  # tiny random DistilBERT, tiny data: a plumbing check
 
-Timing inputs are real IMDB reviews tokenized to `SEQ_LEN` tokens. Weights of the
-DistilBERT-base-sized model are random (the hub is not reachable here): step time and
-memory do not depend on weight values.
+Sections (each in its own module): per step (bench/step.py), end to end (bench/e2e.py),
+inference merged vs bare and the tokenization cache (here), GPU throughput (bench/flops.py).
+Timing inputs are real IMDB reviews. Weights of `distilbert-base-dims` are random (the
+hub is not reachable here): step time and memory do not depend on weight values.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -24,11 +28,14 @@ from typing import Any
 
 import torch
 
-SEQ_LEN = 128
 BATCH = 16
+SEQ_LEN = {"full": 128, "quick": 32}
+log = logging.getLogger(__name__)
+ROUNDS = {"full": 10, "quick": 2}  # per-step rounds, interleaved across contenders
+INFERENCE_REPEATS = {"full": 5, "quick": 3}
 
 
-def _model(source: str):
+def load_model(source: str):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     from tasks.models import load_classifier
@@ -38,11 +45,18 @@ def _model(source: str):
     return load_classifier(source)
 
 
-def _batch(texts: list[str], n: int) -> dict[str, torch.Tensor]:
+def real_batch(data_dir: Path, seq_len: int) -> dict[str, torch.Tensor]:
+    """BATCH test reviews, each truncated or padded to exactly `seq_len` tokens: every
+    contender sees the same (BATCH, seq_len) input."""
+    import pandas as pd
+
     from tasks.models import load_tokenizer
 
+    texts = pd.read_parquet(data_dir / "test.parquet", columns=["text"])["text"].sample(
+        n=BATCH, random_state=0).tolist()
     tok = load_tokenizer("embedded-minilm")  # the uncased WordPiece vocab every model here uses
-    enc = tok(texts[:n], truncation=True, max_length=SEQ_LEN, padding="max_length", return_tensors="pt")
+    enc = tok(texts, truncation=True, max_length=seq_len, padding="max_length",
+              return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -58,67 +72,43 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_train_step(source: str, method: str, batch: dict, repeats: int) -> dict[str, Any]:
-    """One AdamW step (forward, backward, clip, update) on a batch of BATCH x SEQ_LEN."""
-    from lora_core.accounting import count_parameters
-    from lora_core.inject import freeze_all_but, head_module_names, inject_lora
-
-    torch.manual_seed(0)
-    model = _model(source).train()
-    if method == "lora":
-        inject_lora(model, "qkvo", rank=16, alpha=16)
-    elif method == "linear_probe":
-        freeze_all_but(model, head_module_names(model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long)
-
-    def step():
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    seconds = _timed(step, repeats)
-    counts = count_parameters(model)
-    # Optimizer state is a closed-form function of the trainable count (AdamW: 2 moments).
-    return {"model": source, "method": method, "ms_per_step": 1000 * seconds,
-            "samples_per_second": len(labels) / seconds, "params_trainable": counts["trainable"],
-            "params_total": counts["total"], "adam_state_bytes": 8 * counts["trainable"]}
-
-
-def _ms_per_example(model, batch: dict, size: int, repeats: int) -> float:
-    sub = {k: v[:size] for k, v in batch.items()}
+def _ms_per_example(model, batch: dict, size: int, repeats: int, device: str) -> float:
+    sub = {k: v[:size].to(device) for k, v in batch.items()}
 
     def forward():
         with torch.inference_mode():
             model(**sub)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
 
     return 1000 * _timed(forward, repeats) / size
 
 
-def bench_inference(source: str, batch: dict, repeats: int) -> list[dict[str, Any]]:
+def bench_inference(source: str, batch: dict, repeats: int, device: str) -> list[dict[str, Any]]:
     """ms per example at batch 1 and batch BATCH: bare model, LoRA unmerged, LoRA merged."""
     from lora_core.inject import inject_lora, merge_lora, unwrap_lora
 
     torch.manual_seed(0)
-    model = _model(source).eval()
+    model = load_model(source).eval().to(device)
     sizes = (1, len(batch["input_ids"]))
-    rows = [{"model": source, "variant": "bare", "batch": n,
-             "ms_per_example": _ms_per_example(model, batch, n, repeats)} for n in sizes]
+
+    def rows(variant: str) -> list[dict[str, Any]]:
+        return [{"model": source, "variant": variant, "batch": n,
+                 "ms_per_example": _ms_per_example(model, batch, n, repeats, device)}
+                for n in sizes]
+
+    out = rows("bare")
     inject_lora(model, "qkvo", rank=16, alpha=16)
+    model.to(device)
     for p in model.parameters():  # a non-zero update, as after training
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
     model.eval()
-    for variant in ("unmerged", "merged"):
-        if variant == "merged":
-            merge_lora(model)
-        rows += [{"model": source, "variant": f"lora {variant}", "batch": n,
-                  "ms_per_example": _ms_per_example(model, batch, n, repeats)} for n in sizes]
+    out += rows("lora unmerged")
+    merge_lora(model)
+    out += rows("lora merged")
     unwrap_lora(model)
-    return rows
+    return out
 
 
 def bench_tokenize_cache(data_dir: Path, n_train: int) -> dict[str, Any]:
@@ -141,56 +131,64 @@ def bench_tokenize_cache(data_dir: Path, n_train: int) -> dict[str, Any]:
     return out
 
 
-def markdown(results: dict[str, Any]) -> str:
-    lines = [f"# loraflow benchmark ({results['machine']['when']})", "",
-             (f"Machine: {results['machine']['cpu']}, {results['machine']['threads']} torch "
-              f"threads, device {results['machine']['device']}; batch {BATCH} x {SEQ_LEN} tokens."),
-             "",
-             ("`distilbert-base-dims` is DistilBERT-base's architecture with random weights (the hub "
-              "is out of reach); timings do not depend on weight values. Adam state = 8 bytes per "
-              "trainable parameter (two fp32 moments), computed from the counts."),
-             "",
-             "## Training step (AdamW)", "",
-             "| model | method | ms/step | samples/s | trainable | Adam state |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in results["train_step"]:
-        lines.append(f"| {r['model']} | {r['method']} | {r['ms_per_step']:.1f} | "
-                     f"{r['samples_per_second']:.1f} | {r['params_trainable']:,} | "
-                     f"{r['adam_state_bytes'] / 2**20:.1f} MiB |")
-    lines += ["", "## Inference", "", "| model | variant | batch | ms/example |", "| --- | --- | ---: | ---: |"]
-    for r in results["inference"]:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['ms_per_example']:.2f} |")
-    t = results["tokenize"]
-    lines += ["", "## Tokenization cache", "",
-              (f"{t['examples']:,} real reviews at {t['max_length']} tokens: cold "
-               f"{t['cold_seconds']:.2f} s, cache hit {t['cache_hit_seconds']:.2f} s."), ""]
-    return "\n".join(lines)
+def machine(device: str) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    from tasks.evaluate import cpu_has_native_bf16
+
+    cuda = device.startswith("cuda")
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "device": device, "device_name": torch.cuda.get_device_name(device) if cuda else None,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def run_all(data_dir: Path, mode: str, device: str) -> dict[str, Any]:
+    from bench.e2e import bench_e2e, e2e_config
+    from bench.step import bench_steps
+
+    quick = mode == "quick"
+    batch = real_batch(data_dir, SEQ_LEN[mode])
+    models = ["tiny-distilbert"] if quick else ["embedded-minilm", "distilbert-base-dims"]
+    # DistilBERT-base's full fine-tuning takes seconds per step on a few CPU cores: per-step
+    # rounds on it only where a GPU makes them cheap
+    step_models = models if quick or device.startswith("cuda") else models[:1]
+    results: dict[str, Any] = {"machine": machine(device), "mode": mode,
+                               "batch": BATCH, "seq_len": SEQ_LEN[mode]}
+    results["train_step"] = [row for m in step_models
+                             for row in bench_steps(m, batch, ROUNDS[mode], device)]
+    results["inference"] = [row for m in models for row in
+                            bench_inference(m, batch, INFERENCE_REPEATS[mode], device)]
+    results["tokenize"] = bench_tokenize_cache(data_dir, 200 if quick else 2000)
+    try:  # last, and on its own: a contender that cannot run here loses nothing measured above
+        results["end_to_end"] = bench_e2e(e2e_config(str(data_dir), quick), device)
+    except Exception as err:  # noqa: BLE001 - recorded in bench.json and bench.md
+        log.exception("end-to-end benchmark failed")
+        results["end_to_end"] = {"error": f"{type(err).__name__}: {err}"}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.report import markdown
+
     parser = argparse.ArgumentParser(prog="loraflow bench")
-    parser.add_argument("--quick", action="store_true", help="tiny DistilBERT only")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny random DistilBERT, 64/32 rows, 2 rounds: seconds")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--data", default=os.environ.get("LORAFLOW_DATA", "../shared/data/imdb"))
+    parser.add_argument("--data", default=os.environ.get("LORAFLOW_DATA", "../shared/data/imdb"),
+                        help="a folder with IMDB's train.parquet and test.parquet")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
     args = parser.parse_args(argv)
-
-    import pandas as pd
-
     data_dir = Path(args.data)
-    texts = pd.read_parquet(data_dir / "test.parquet", columns=["text"])["text"].sample(
-        n=BATCH, random_state=0).tolist()
-    batch = _batch(texts, BATCH)
-    models = ["tiny-distilbert"] if args.quick else ["embedded-minilm", "distilbert-base-dims"]
-    repeats = 3 if args.quick else 5
-    results: dict[str, Any] = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": "cpu", "python": sys.version.split()[0], "torch": torch.__version__,
-                    "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-        "train_step": [bench_train_step(m, method, batch, repeats) for m in models
-                       for method in ("full_finetune", "lora", "linear_probe")],
-        "inference": [row for m in models for row in bench_inference(m, batch, repeats)],
-        "tokenize": bench_tokenize_cache(data_dir, 200 if args.quick else 2000),
-    }
+    if not (data_dir / "train.parquet").exists() or not (data_dir / "test.parquet").exists():
+        parser.error(f"--data {data_dir}: expected train.parquet and test.parquet there")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
+
+    results = run_all(data_dir, "quick" if args.quick else "full", args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

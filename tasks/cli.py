@@ -123,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reports", help="reports folder")
 
     bench = sub.add_parser("bench", help="run the benchmark (bench/)")
-    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--quick", action="store_true", help="tiny model and data: seconds")
     bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--data", help="IMDB folder with train/test.parquet (default $LORAFLOW_DATA)")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
 
     sub.add_parser("presets", help="list the presets and the methods")
     return parser
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(PROJECT_DIR))  # bench/ lives beside the packages, not in them
             from bench.run import main as bench_main
 
-            return bench_main(["--quick"] * args.quick + ["--out", args.out])
+            return bench_main(["--quick"] * args.quick + ["--out", args.out, "--device", args.device]
+                              + ["--data", args.data] * bool(args.data))
         for name in PRESETS:
             print(f"{name:6} " + json.dumps(preset_config(name).to_dict()))
         print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in registry.METHODS.values()))

@@ -1,4 +1,5 @@
-"""Does precision `auto` (bf16 autocast on this CPU) cost accuracy against fp32?
+"""Does precision `auto` (bf16 autocast on a CUDA GPU with bf16 or a CPU with native bf16)
+cost accuracy against fp32?
 
 Compares two finished runs of the same configuration that differ only in `precision`:
 for every variant both ran, validation and test accuracy side by side, and on test the
@@ -8,6 +9,8 @@ seed, so the pairs isolate precision).
     loraflow run --preset cpu --methods lora full_finetune --precision fp32 --run-id cpu-fp32
     loraflow run --preset cpu --methods lora full_finetune --precision auto --run-id cpu-auto
     python -m bench.experiments.precision artifacts/runs/cpu-fp32 artifacts/runs/cpu-auto
+
+or, from one prepared run, both at once: `python -m bench.experiments.precision_run`.
 """
 
 from __future__ import annotations

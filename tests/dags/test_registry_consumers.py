@@ -2,8 +2,8 @@
 tasks/registry.py cannot be half-wired: the config, the CLI's choices, the DAG's trigger
 form and its GPU routing, the method's module, and the report's labels and colours.
 
-(bench/run.py has no method list read from the registry, only its own train-step setups,
-so it is not checked here.)"""
+(The benchmark, bench/, times LoRA and full fine-tuning only and names them by their
+registry labels; it keeps no per-method list, so there is nothing in it to check here.)"""
 
 from __future__ import annotations
 
