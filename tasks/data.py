@@ -133,18 +133,27 @@ def read_parquet(path: Path) -> pd.DataFrame:
     table = pq.read_table(path)
     try:
         table.validate(full=True)  # checks every string value's UTF-8
+        invalid = None
     except pa.ArrowInvalid as err:
-        for name in table.column_names:
-            column = table.column(name)
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                for row, value in enumerate(column.cast(pa.binary()).to_pylist()):
-                    try:
-                        value is None or value.decode("utf-8")
-                    except UnicodeDecodeError as bad:
-                        raise UnreadableData(f"{path}: column {name!r}, row {row}: not valid "
-                                             f"UTF-8 ({bad.reason} at byte {bad.start})") from None
+        invalid = err
+    for name in table.column_names:
+        column = table.column(name)
+        # bytes columns too: their text is decoded later (and pandas fails naming nothing)
+        if (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+                or (invalid is not None and (pa.types.is_string(column.type)
+                                             or pa.types.is_large_string(column.type)))):
+            for row, value in enumerate(column.cast(pa.binary()).to_pylist()):
+                try:
+                    value is None or value.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise UnreadableData(f"{path}: column {name!r}, row {row}: not valid "
+                                         f"UTF-8 ({bad.reason} at byte {bad.start})") from None
+    if invalid is not None:
+        raise UnreadableData(f"{path}: {invalid}") from None
+    try:
+        return table.to_pandas()
+    except pa.ArrowException as err:
         raise UnreadableData(f"{path}: {err}") from None
-    return table.to_pandas()
 
 
 class UnreadableData(ValueError):

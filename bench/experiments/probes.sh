@@ -21,7 +21,9 @@ probe() {  # probe DESCRIPTION COMMAND...
     out="$("$@" 2>&1)"; code=$?
     local said
     said="$(printf '%s\n' "$out" | grep -v '^\s*$' | grep -iv 'warning\|great_expectations' | tail -1)"
-    printf '| %s | `%s` | %s | %s |\n' "$what" "${*/#.venv\/bin\//}" "$code" "${said//|/\\|}"
+    local shown="${*/#.venv\/bin\//}"
+    [ "${#shown}" -le 160 ] || shown="${shown:0:157}..."
+    printf '| %s | `%s` | %s | %s |\n' "$what" "$shown" "$code" "${said//|/\\|}"
 }
 
 probe "target that matches no module" $LORAFLOW run "${SMOKE[@]}" --targets foo
@@ -49,15 +51,16 @@ import sys
 import pyarrow as pa, pyarrow.parquet as pq
 out, src = sys.argv[1], sys.argv[2]
 for split in ("train", "test"):
-    table = pq.read_table(f"{src}/{split}.parquet").slice(0, 400)
+    table = pa.Table.from_pandas(pq.read_table(f"{src}/{split}.parquet").to_pandas()
+                                  .sample(400, random_state=0), preserve_index=False)
     texts = [t.encode() for t in table.column("text").to_pylist()]
     texts[7] = b"\xff" + texts[7]
     table = table.set_column(0, "text", pa.array(texts, pa.binary()))
     pq.write_table(table, f"{out}/{split}.parquet")
 EOF
 probe "invalid UTF-8 in a review" $LORAFLOW run "${SMOKE[@]}" --data "$TMP/badutf" --run-id badutf
-[ -f "$TMP/artifacts/runs/badutf/validation.json" ] && v=yes || v=no
-printf '| ... and its validation.json written | `ls runs/badutf/validation.json` | - | %s |\n' "$v"
+[ -f "$TMP/artifacts/runs/badutf/data/validation.json" ] && v=yes || v=no
+printf '| ... and its validation.json written | `ls runs/badutf/data/validation.json` | - | %s |\n' "$v"
 
 # Two owners of one run id: the second is refused while the first holds the run.
 $LORAFLOW run "${SMOKE[@]}" --run-id twice >/dev/null 2>&1 & first=$!

@@ -76,3 +76,21 @@ def test_invalid_utf8_names_file_column_and_row_and_still_writes_validation_json
     stored = json.loads(paths.validation_json.read_text())
     assert stored["success"] is False and "row 7" in stored["expectations"][0]["observed_value"]
     assert not paths.train_parquet.exists()  # nothing that looks like usable data
+
+
+def test_invalid_utf8_in_a_bytes_column_written_by_pandas_names_file_column_and_row(
+        tmp_path, imdb_sample):
+    # A bytes column whose pandas metadata says `str`: pyarrow's to_pandas fails on it with
+    # "Invalid UTF8 payload", naming nothing; the reader names the file, column and row.
+    folder = _source(tmp_path, imdb_sample)
+    table = pa.Table.from_pandas(imdb_sample["train"], preserve_index=False)
+    texts = [t.encode() for t in table.column("text").to_pylist()]
+    texts[3] = b"\xff" + texts[3]
+    table = table.set_column(table.schema.get_field_index("text"), "text",
+                             pa.array(texts, pa.binary()))
+    pq.write_table(table, folder / "train.parquet")
+    config, paths = _prepared(tmp_path, folder)
+    with pytest.raises(DataValidationError,
+                       match=r"train.parquet: column 'text', row 3: not valid UTF-8"):
+        download_dataset(config, paths)
+    assert json.loads(paths.validation_json.read_text())["success"] is False
