@@ -34,6 +34,8 @@ def test_presets_match_the_design_table():
     cpu = preset_config("cpu")
     assert (cpu.model, cpu.train_size, cpu.test_size, cpu.max_length) == ("embedded-minilm", 2000,
                                                                            1000, 128)
+    # from the validation sweep (bench/experiments/cpu_lr_sweep.md)
+    assert (cpu.lora_lr, cpu.full_lr) == ((2e-3,), (1e-4,))
     smoke = preset_config("smoke")
     assert (smoke.model, smoke.train_size, smoke.test_size, smoke.max_length, smoke.epochs) == (
         "tiny-distilbert", 256, 128, 64, 1)
