@@ -72,8 +72,9 @@ from tasks.registry import TARGETS_PATTERN
 DAG_ID = "lora_imdb_experiment"
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
 EMPTY = " Leave empty to keep the preset's value."
-# Wall time through Airflow (`make run`) on a 2-core machine without a GPU, measured.
-TIME_ON_CPU = {"smoke": "2 min", "cpu": "7 min", "seed": "hours: use a GPU",
+# Wall time of `make run` (airflow dags test) measured on a 2-core AMD EPYC without a GPU or
+# native bf16 (2026-11-29): smoke 58 s, cpu 25 min 49 s. seed and paper were not run there.
+TIME_ON_CPU = {"smoke": "1 min", "cpu": "26 min", "seed": "hours: use a GPU",
                "paper": "days: use a GPU"}
 
 

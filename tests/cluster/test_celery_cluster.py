@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.paths import report_slug
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "loraflow_cluster.py"
 GPU_WORKERS = 2
@@ -105,7 +107,7 @@ class Cluster:
                 for p in self.run_dir(run_id).glob("results/*/metrics.json")}
 
     def report(self, run_id: str) -> Path:
-        return Path(self.state["reports"]) / run_id / "report.html"
+        return Path(self.state["reports"]) / report_slug(run_id) / "report.html"
 
 
 @pytest.fixture(scope="module")
