@@ -25,6 +25,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from lora_core.inject import inject_lora
 from tasks.config import PRESETS
 from tasks.evaluate import autocast_dtype
+from tasks.features import mean_pool
 from tasks.models import load_classifier
 from tasks.pipeline import load_run
 from tasks.report.stats import paired_bootstrap
@@ -45,8 +46,7 @@ class MeanPooled(nn.Module):
     def forward(self, input_ids, attention_mask, labels=None):
         hidden = self.inner.base_model(input_ids=input_ids,
                                        attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = mean_pool(hidden, attention_mask)  # as the probe and zero-shot pool
         logits = self.inner.classifier(self.inner.dropout(pooled))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
