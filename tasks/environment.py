@@ -1,6 +1,7 @@
-"""What code and stack produced a run: git commit, package versions, platform. Recorded
-in `<run_dir>/environment.json` when the run is prepared, so a report rebuilt later still
-names the code that measured its numbers."""
+"""What code and stack prepared a run: git commit (tasks.provenance), package versions,
+platform. Recorded in `<run_dir>/environment.json` when the run is prepared, so a report
+rebuilt later still names the code that measured its numbers; each variant records where
+it ran itself (`provenance` in its metrics.json)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,12 @@ import functools
 import importlib.metadata
 import os
 import platform
-import subprocess
 from typing import Any
 
-from tasks.paths import PROJECT_DIR
+from tasks.provenance import git_commit
 
 PACKAGES = ("torch", "transformers", "peft", "apache-airflow", "great_expectations", "pandas",
             "scikit-learn", "matplotlib")
-
-
-def git_commit() -> str:
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True,
-                              timeout=10, check=False)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def version(package: str) -> str:

@@ -76,6 +76,8 @@ class MetricsRecord:
     resumed_from_epoch: int | None = None
     device: str = "cpu"
     host: str = field(default_factory=platform.node)
+    # where it ran: commit, torch/CUDA/transformers, device name, host, precision used
+    provenance: dict[str, Any] | None = None
     started_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # method-specific measurements

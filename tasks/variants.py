@@ -24,6 +24,7 @@ from tasks import registry
 from tasks.config import ExperimentConfig
 from tasks.metrics import MetricsRecord
 from tasks.paths import RunPaths, exclusive
+from tasks.provenance import variant_provenance
 from tasks.registry import Variant
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         module = importlib.import_module(method.module)
         with _device(method.uses_encoder, device) as leased:
             record.device = leased
+            record.provenance = variant_provenance(
+                leased, None, config.model if method.uses_encoder else None)
             job = Job(variant, config, paths, record, leased)
             if method.trained:
                 from tasks.train import train_variant
@@ -85,6 +88,7 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
                 predictions = train_variant(job, module)
             else:
                 predictions = module.predict(job)
+        record.provenance["precision"] = _precision_used(record, method, config)
         path = record.finish(paths, (labels(paths, "validation"), predictions.validation),
                              (labels(paths, "test"), predictions.test))
         log.info("%s: validation accuracy %.4f, test accuracy %.4f", variant.name,
@@ -97,6 +101,21 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         log.exception("variant %s failed", variant.name)
         record.fail(paths, err)
         raise
+
+
+def _precision_used(record: MetricsRecord, method: registry.Method,
+                    config: ExperimentConfig) -> str:
+    """What the variant computed in: the trainer (and the fp32-only notebook heuristic)
+    record it; other encoder methods run inference at the run's autocast setting; the rest
+    use no neural network."""
+    stated = record.precision or record.hyperparameters.get("precision")
+    if stated:
+        return str(stated)
+    if not method.uses_encoder:
+        return "n/a (no encoder)"
+    from tasks.evaluate import autocast_dtype, precision_label
+
+    return precision_label(autocast_dtype(config.precision, record.device))
 
 
 @contextlib.contextmanager
