@@ -32,6 +32,7 @@ from tasks.report.compute import (
 )
 from tasks.report.format import COLUMNS, FILTERS, as_int, csv_table, fmt_time, markdown_table
 from tasks.report.load import StoredRun, load_run
+from tasks.report.regression import fingerprint, since_last_comparable
 from tasks.report.sections import (
     class_balance,
     expectation_rows,
@@ -125,9 +126,11 @@ def _figures(run: StoredRun, configs: list[Configuration]) -> list[dict[str, Any
     return [f for f in figures if f]
 
 
-def _summary(run: StoredRun, head: dict[str, Any], prov: dict[str, Any]) -> dict[str, Any]:
+def _summary(run: StoredRun, head: dict[str, Any], prov: dict[str, Any],
+             since: dict[str, Any], fp: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     config = run.config or {}
     return _clean({
+        "run_dir": str(run_dir), "fingerprint": fp, "since_last_comparable": since,
         "run_id": run.run_id, "report": "report.html", "preset": config.get("preset"),
         "model": config.get("model"), "started_at": prov["started_at"],
         "finished_at": prov["finished_at"], "headline": " ".join(head["sentences"]),
@@ -155,6 +158,8 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
         head["comparison_text"] = comparison_sentences(head["comparison"], "LoRA",
                                                        "full fine-tuning")
     prov = provenance(run_id, run.config, run.records, run.environment)
+    fp = fingerprint(run, run_dir)
+    since = since_last_comparable(run, run_dir, root.resolve(), fp, prov["finished_at"])
     tokens = run.tokens or {}
     stats = tokens.get("stats") if isinstance(tokens.get("stats"), dict) else {}
     breakdown, pb = parameter_breakdown(run.records)
@@ -162,9 +167,10 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
     data = {"run_id": run_id, "config": run.config, "validation": run.validation,
             "tokens": run.tokens, "records": [r.to_dict() for r in run.records],
             "comparison": [c.row for c in configs], "headline": head, "provenance": prov,
-            "missing": run.missing}
+            "since_last_comparable": since, "missing": run.missing}
     html = _env().get_template("report.html").render(
         run_id=run_id, config=run.config or {}, rows=rows, head=head, prov=prov, run=run,
+        since=since, fp=fp,
         figures=_figures(run, configs),
         token_fig=_draw("Token-length distribution",
                         "Lengths before truncation; reviews right of the dashed line are cut.",
@@ -180,7 +186,7 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
     write_text(out / "comparison.csv", csv_table(plain))
     write_text(out / "comparison.md", markdown_table(plain))
     report = write_text(out / "report.html", html)
-    write_json(out / "summary.json", _summary(run, head, prov))
+    write_json(out / "summary.json", _summary(run, head, prov, since, fp, run_dir))
     build_index(root)
     log.info("report of run %s written to %s", run_id, report)
     return report

@@ -118,4 +118,25 @@ def provenance(run_id: str, config: dict[str, Any] | None, records: list[Metrics
         "precisions": sorted({str(r.precision) for r in records if r.precision}),
         "hosts": sorted({str(r.host) for r in records if r.host and r.status != "not run"}),
         "memory_kinds": sorted({str(r.peak_memory_kind) for r in records if r.peak_memory_kind}),
+        "variants": variant_provenance(records),
     }
+
+
+VARIANT_PROVENANCE = ("device_name", "host", "precision", "torch", "cuda", "transformers",
+                      "git_commit")
+
+
+def variant_provenance(records: list[MetricsRecord]) -> list[dict[str, Any]]:
+    """Where each variant ran, as it recorded itself (older records: device and host only)."""
+    rows = []
+    for r in records:
+        if r.status == "not run":
+            continue
+        stored = r.provenance if isinstance(r.provenance, dict) else {}
+        row = {k: str(stored[k]) if stored.get(k) is not None else None
+               for k in VARIANT_PROVENANCE}
+        row.update(variant=r.variant, device=str(stored.get("device") or r.device or ""),
+                   host=row["host"] or (str(r.host) if r.host else None),
+                   precision=row["precision"] or r.precision)
+        rows.append(row)
+    return rows
