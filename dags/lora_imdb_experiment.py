@@ -11,12 +11,13 @@ prepare ─► download_dataset
         ─► validate_dataset ─► tokenize
 tokenize ─┬─► cpu_variants   no encoder: CPU
           └─► gpu_variants   encoder: pool gpu
-variants ─► report, check_variants
+variants ─► report ─► check_regression
+variants ─► check_variants
 ```
 
 One mapped task per variant; the registry of methods decides which of the two it
 joins. `report` runs even when variants failed and shows them; `check_variants` then
-fails the run.
+fails the run. Each task's *Docs* say what it reads, writes and what a retry does.
 
 **Trigger form.** Pick a *preset*; every other field left empty keeps the preset's value.
 Values the schema refuses are refused when you trigger (the form's number fields move a
@@ -27,6 +28,29 @@ is touched.
 **Where things go.** The report: the run's *Report* tab (all runs: *LoRA reports* in
 the menu), or `$LORAFLOW_REPORTS/` (default `reports/`); artifacts:
 `$LORAFLOW_ARTIFACTS/runs/<run_id>/` (default `artifacts/`).
+
+**Schedule** (`LORAFLOW_SCHEDULE`, read when the DAG is parsed): a cron expression (UTC),
+`asset` (a run starts when the data asset `loraflow_imdb_data` receives an event: from an
+upstream DAG's outlet or `POST /api/v2/assets/events`; the event's extra `params`, e.g.
+`{"params": {"data": "/mnt/imdb"}}`, overrides the defaults), or `none`. Defaults:
+`make ui` none (you trigger here), `make cluster` asset, docker `@weekly` (each weekly
+run is compared with the last comparable one, so a library upgrade that costs accuracy
+fails it); without the variable, `@weekly`.
+
+**Since the last comparable run.** The report compares each selected configuration with
+the latest earlier successful run of the same fingerprint (model and weights hash,
+subsets, settings) on the same test reviews; a drop whose paired 95% interval lies below
+zero is a regression: `check_regression` fails the run and the runs index marks it.
+
+**Assets.** `report` emits events on `loraflow_imdb_report` and
+`loraflow_imdb_lora_adapter` with the run id, preset, selected configurations (validation
+and test accuracy), report URL and adapter path in their extras; schedule a DAG on them
+(`dags/examples/`).
+
+**Notifications.** With `LORAFLOW_NOTIFY_CONN_ID` naming an Airflow connection (smtp, or
+slackwebhook with the Slack provider): one message per failed run (a regression named as
+such), per successful run (headline and report URL), and when a run is still going
+`LORAFLOW_DEADLINE_HOURS` (default 24) after it was queued. Without it nothing is sent.
 
 **GPUs.** Every variant whose method runs the encoder uses pool `gpu` (one slot per GPU)
 and queue `gpu`; inside, a GPU lease (a lock per device) keeps two tasks off one GPU.
@@ -40,12 +64,17 @@ the variants and lists the failed ones; `check_variants` then marks the run fail
 
 from __future__ import annotations
 
+import inspect
 import os
 from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import (
+    Asset,
+    AsyncCallback,
     CronTriggerTimetable,
+    DeadlineAlert,
+    DeadlineReference,
     ExceptionRetryPolicy,
     Param,
     RetryAction,
@@ -57,14 +86,16 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowSkipException
 
-# Standard library only, so parsing stays fast; the ML stack is imported in task bodies.
-from tasks import registry
+# Standard library only (notify: Airflow's BaseNotifier), so parsing stays fast; the ML
+# stack is imported in task bodies.
+from tasks import assets, notify, registry
 from tasks.config import (
     DEFAULT_PRESET,
     MAX_TOKENS,
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
+    default_data_source,
     preset_config,
 )
 from tasks.registry import TARGETS_PATTERN
@@ -94,6 +125,11 @@ def _schedule_text() -> str:
     value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
     if value.lower() in ("", "none", "null"):
         return "No schedule: this DAG runs only when triggered."
+    if value.lower() == "asset":
+        return (f"Scheduled on the data asset `{assets.DATA['name']}`: once unpaused, a run "
+                f"with the default preset `{DEFAULT_PRESET}` starts when it receives an event "
+                "(an upstream DAG, or `POST /api/v2/assets/events`, whose extra `params` "
+                "may override these fields).")
     return (f"Schedule: `{value}` (UTC) with the default preset `{DEFAULT_PRESET}`; "
             "triggering here does not change it, but unpausing the DAG starts it.")
 
@@ -195,12 +231,21 @@ PARAMS: dict[str, Param] = {
 }
 
 
-def _schedule() -> CronTriggerTimetable | None:
-    """`$LORAFLOW_SCHEDULE`: a cron expression or preset such as `@weekly` (UTC); `none` (or
-    empty) for manual runs only."""
+# The data source the presets read (an inlet of `prepare`, the schedule with `asset`), and
+# what `report` writes: downstream DAGs can be scheduled on these (dags/examples/).
+DATA_ASSET = Asset(**assets.DATA, extra={"source": default_data_source()})
+REPORT_ASSET = Asset(**assets.REPORT)
+ADAPTER_ASSET = Asset(**assets.ADAPTER)
+
+
+def _schedule() -> CronTriggerTimetable | list[Asset] | None:
+    """`$LORAFLOW_SCHEDULE`: a cron expression or preset such as `@weekly` (UTC); `asset`
+    to run when the data asset receives an event; `none` (or empty) for manual runs only."""
     value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
     if value.lower() in ("", "none", "null"):
         return None
+    if value.lower() == "asset":
+        return [DATA_ASSET]
     # run_immediately=0: unpausing waits for the next slot. By default Airflow would start
     # the latest past slot when it lies within 10% of the period (16.8 h for @weekly): a
     # `cpu` run next to the one the user is triggering from the form.
@@ -227,6 +272,31 @@ ON_GPU: dict[str, Any] = {
 VARIANT_NAME = "{{ task.op_kwargs['variant']['name'] }}"
 
 
+def _notifications() -> dict[str, Any]:
+    """With `$LORAFLOW_NOTIFY_CONN_ID`: one message when a run fails (a regression
+    included), one when it succeeds, and one when it is still going `$LORAFLOW_DEADLINE_HOURS`
+    (default 24) after it was queued. Without it: nothing (tasks/notify.py)."""
+    conn_id = notify.conn_id()
+    if conn_id is None:
+        return {}
+    return {
+        "on_failure_callback": notify.RunNotifier(conn_id, "failed"),
+        "on_success_callback": notify.RunNotifier(conn_id, "succeeded"),
+        "deadline": DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=notify.deadline(),
+            callback=AsyncCallback(notify.RunNotifier,
+                                   kwargs={"conn_id": conn_id, "event": "deadline"}),
+            name="run takes too long"),
+    }
+
+
+def documented(fn):
+    """Airflow shows a task function's docstring as the task's Markdown docs: without
+    the indentation, which Markdown would render as a code block."""
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "")
+    return fn
+
+
 def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
     """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one."""
     from tasks.pipeline import load_run
@@ -250,16 +320,30 @@ def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
     params=PARAMS,
     tags=["loraflow", "lora", "nlp", "experiment"],
     default_args={"owner": "loraflow", "retries": 0, "execution_timeout": timedelta(hours=1)},
+    **_notifications(),
 )
 def lora_imdb_experiment():
-    @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5))
+    @task(multiple_outputs=True, execution_timeout=timedelta(minutes=5), inlets=[DATA_ASSET])
+    @documented
     def prepare() -> dict[str, Any]:
-        """Resolve preset + overrides (fails fast on bad combinations), lay out the run
-        folder, log the settings; returns the run folder and the variant lists."""
+        """**Resolve the settings and lay out the run folder.**
+
+        Reads the trigger form's values (over the preset's), or, for a run started by an
+        event on the data asset, the event's `extra["params"]`; checks what the form's
+        schema cannot (the model exists, the targets match its modules, the ranks fit, the
+        data source exists) before anything is written. Writes
+        `<artifacts>/runs/<run_id>/config.json` and `environment.json`; logs the settings
+        and every variant. Returns the run folder and the two variant lists.
+
+        Retry: none. Bad settings fail the same way again; a second attempt with the same
+        settings finds the folder and goes on, a different config for the run id is refused."""
         from tasks.pipeline import config_from_params, describe, prepare_run
 
         context = get_current_context()
-        config = config_from_params(dict(context["params"]))
+        params = dict(context["params"])
+        params.update(assets.params_from_events(context.get("triggering_asset_events"),
+                                                set(PARAMS)))
+        config = config_from_params(params)
         run_dir = str(prepare_run(config, context["run_id"]).run_dir)
         print(describe(config))  # the resolved settings and variants, in the task's log
         return {
@@ -272,13 +356,26 @@ def lora_imdb_experiment():
     # list the mapped tasks expand over gets its own (instant) task.
     def pick(plan: Any, kind: str) -> Any:
         @task(task_id=f"plan_{kind}_variants", execution_timeout=timedelta(minutes=1))
+        @documented
         def select(plan: dict[str, Any]) -> list[Any]:
+            """**The variants of one kind**, from `prepare`'s plan: `plan_cpu_variants`
+            lists the methods that do not run the encoder, `plan_gpu_variants` those that do
+            (the registry decides). Reads and writes nothing but XCom; the mapped variant
+            task expands over this list. Retry: none (it cannot fail but on a broken plan)."""
             return plan[kind]
 
         return select(plan)
 
     @task(**RETRY, execution_timeout=timedelta(hours=2))
+    @documented
     def download_dataset(run_dir: str) -> str:
+        """**Draw the three subsets from the data source.**
+
+        Reads the source (hub, a checksum-verified URL of aclImdb_v1.tar.gz, or a local
+        folder) through the shared cache `<artifacts>/cache/`; writes the run's
+        `data/train.parquet`, `data/validation.parquet` (disjoint from train) and
+        `data/test.parquet`. Retry: twice with back-off for network or disk errors; a
+        retry reuses what the cache already holds. Bad input (a ValueError) fails at once."""
         from tasks.data import download_dataset
         from tasks.pipeline import load_run
 
@@ -286,7 +383,14 @@ def lora_imdb_experiment():
         return run_dir
 
     @task(execution_timeout=timedelta(minutes=30))  # bad data stays bad: no retries
+    @documented
     def validate_dataset(run_dir: str) -> str:
+        """**Validate the source and the subsets with Great Expectations**: schema, nulls,
+        labels 0/1, text lengths, class balance, row counts, duplicates and overlap
+        between splits.
+
+        Reads `data/*.parquet`; writes `data/validation.json`, which the report shows.
+        Fails the run when an expectation fails. Retry: none: the same data fails again."""
         from tasks.pipeline import load_run
         from tasks.validate import validate_dataset
 
@@ -294,7 +398,15 @@ def lora_imdb_experiment():
         return run_dir
 
     @task(**RETRY, execution_timeout=timedelta(hours=1))
+    @documented
     def tokenize(run_dir: str) -> str:
+        """**Tokenize once for every variant.**
+
+        Reads `data/*.parquet` and the model's tokenizer; writes token ids to the shared
+        cache `<artifacts>/cache/tokenized/<key>/` (keyed by the data, the tokenizer and the
+        truncation settings: a hit skips the work) and points `data/tokens.json` at it.
+        Retry: twice with back-off; a half-built cache folder is never used (it is renamed
+        into place only when complete)."""
         from tasks.pipeline import load_run
         from tasks.tokenize import tokenize_dataset
 
@@ -302,39 +414,103 @@ def lora_imdb_experiment():
         return run_dir
 
     @task(**RETRY, execution_timeout=timedelta(hours=2), map_index_template=VARIANT_NAME)
+    @documented
     def cpu_variants(run_dir: str, variant: dict[str, Any]) -> str:
+        """**One variant of a method that does not run the encoder** (majority, TF-IDF),
+        on the default queue.
+
+        Reads the run's subsets; writes `results/<variant>/metrics.json` (scores, costs,
+        and where it ran: commit, versions, device, host, precision) and
+        `predictions.parquet`, plus the method's model. A method that cannot run on this
+        model is recorded as not applicable. Retry: twice with back-off; the variant's
+        files are rewritten whole. Bad input fails at once."""
         return _run_variant(run_dir, variant)
 
     @task(**ON_GPU, map_index_template=VARIANT_NAME)
+    @documented
     def gpu_variants(run_dir: str, variant: dict[str, Any]) -> str:
+        """**One variant of a method that runs the encoder** (LoRA, full fine-tuning,
+        BitFit, linear probe, zero-shot, the notebook heuristic), on pool and queue `gpu`,
+        holding a lease on one GPU (the CPU where there is none).
+
+        Reads the tokenized cache; writes `results/<variant>/metrics.json` (scores, costs,
+        and where it ran: commit, torch/CUDA/transformers, GPU or CPU model, host,
+        precision, the weights' hash), `predictions.parquet` and the trained model
+        (LoRA: a PEFT `adapter/`). Retry: twice with back-off; training resumes from its
+        last checksummed epoch checkpoint. Bad input fails at once."""
         return _run_variant(run_dir, variant)
 
     # all_done: the report also shows failed variants (and says so when none succeeded).
-    @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30))
+    @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30),
+          outlets=[REPORT_ASSET, ADAPTER_ASSET])
+    @documented
     def report(run_dir: str | None) -> str:
-        from tasks.paths import report_url
+        """**Write the report**, whatever happened to the variants.
+
+        Reads the run's stored files only (config, validation, every metrics.json and
+        predictions) and the summaries of earlier runs; writes
+        `<reports>/<run slug>/report.html`, `comparison.csv`, `comparison.md`,
+        `summary.json` (with the comparison since the last comparable run) and refreshes
+        `index.html`. Emits events on the report and LoRA adapter assets whose extras
+        carry the run id, preset, each selected configuration with its validation and
+        test accuracy, the report URL and the adapter path. Skipped when `prepare` failed.
+        Retry: twice; the files are rewritten whole (same inputs, same bytes)."""
+        from tasks.assets import outlet_extras
+        from tasks.paths import read_json, report_url
         from tasks.report import build_report
 
         if run_dir is None:  # prepare failed: there is no run folder to report on
             raise AirflowSkipException("no run folder: prepare failed (see its log)")
-        page = str(build_report(run_dir))
-        print(f"report: {report_url(get_current_context()['run_id'])}")  # the log's last line
-        return page
+        context = get_current_context()
+        page = build_report(run_dir)
+        url = report_url(context["run_id"])
+        extras = outlet_extras(context["run_id"], run_dir, read_json(page.parent / "summary.json"),
+                               url)
+        context["outlet_events"][REPORT_ASSET].extra = extras[0]
+        context["outlet_events"][ADAPTER_ASSET].extra = extras[1]
+        print(f"report: {url}")  # the log's last line
+        return str(page)
 
     # The report is the only other leaf and succeeds even when variants failed; this leaf
     # keeps the run's state honest (failed if any variant failed, skipped otherwise).
     @task(trigger_rule=TriggerRule.ONE_FAILED, execution_timeout=timedelta(minutes=1))
+    @documented
     def check_variants() -> None:
+        """**Fail the run if any variant failed** (it runs only then: trigger rule
+        one_failed; otherwise it is skipped). Reads and writes nothing: the failures are
+        in the report and in each `results/<variant>/metrics.json`. Retry: none."""
         raise RuntimeError("at least one variant failed; its error is in the report and "
                            "in results/<variant>/metrics.json")
 
+    @task(execution_timeout=timedelta(minutes=1))
+    @documented
+    def check_regression(page: str) -> str:
+        """**Fail the run on a regression since the last comparable run**: an earlier
+        successful run of the same model, weights, subsets and settings, against which a
+        selected configuration's test accuracy dropped with its paired 95% interval wholly
+        below zero. Reads the report's `summary.json`; writes nothing. The error names
+        each method's drop and what changed (commit, versions, device, precision).
+        Retry: none: the same files give the same verdict."""
+        from pathlib import Path
+
+        from tasks.report.regression import check
+
+        verdict = check(Path(page).parent / "summary.json")
+        print(verdict)
+        return verdict
+
     plan = prepare()
     ready = tokenize(validate_dataset(download_dataset(plan["run_dir"])))
+    # a mapped task needs its docs given (override): Airflow copies the docstring only for
+    # a task that is called directly
     variants = [
-        cpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "cpu")),
-        gpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "gpu")),
+        mapped.override(doc_md=mapped.function.__doc__).partial(run_dir=ready).expand(
+            variant=pick(plan, kind))
+        for mapped, kind in ((cpu_variants, "cpu"), (gpu_variants, "gpu"))
     ]
-    variants >> report(plan["run_dir"])
+    page = report(plan["run_dir"])
+    variants >> page
+    check_regression(page)
     variants >> check_variants()
 
 

@@ -46,8 +46,10 @@ def test_dag_parses_without_errors_and_without_the_ml_stack():
     result = _parse_in_fresh_process()
     assert result["errors"] == {}
     assert result["heavy"] == []  # neither torch, transformers, GX, lora_core nor our steps
-    # the registry and the config (standard library only) build the trigger form
-    assert result["ours"] == ["tasks", "tasks.config", "tasks.registry"]
+    # the registry and the config (standard library only) build the trigger form; the
+    # asset names and the notifier (Airflow's BaseNotifier) are light too
+    assert result["ours"] == ["tasks", "tasks.assets", "tasks.config", "tasks.notify",
+                              "tasks.registry"]
     assert result["seconds"] < 2.0  # the scheduler re-parses DAG files every few seconds
     assert result["cron"] == "0 0 * * 0"  # @weekly
 
@@ -55,6 +57,8 @@ def test_dag_parses_without_errors_and_without_the_ml_stack():
 def test_schedule_comes_from_loraflow_schedule():
     assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "none"})["timetable"] == "NullTimetable"
     assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "0 3 * * 1"})["cron"] == "0 3 * * 1"
+    assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "asset"})["timetable"] == \
+        "AssetTriggeredTimetable"
 
 
 def test_unpausing_waits_for_the_next_weekly_slot_instead_of_running_a_past_one(dag, monkeypatch):
@@ -74,7 +78,7 @@ def test_task_ids_and_dependencies(dag):
     assert set(dag.task_ids) == {
         "prepare", "download_dataset", "validate_dataset", "tokenize",
         "plan_cpu_variants", "cpu_variants", "plan_gpu_variants", "gpu_variants",
-        "report", "check_variants",
+        "report", "check_variants", "check_regression",
     }
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["prepare"] == set()
@@ -87,7 +91,9 @@ def test_task_ids_and_dependencies(dag):
         assert dag.get_task(name).trigger_rule == "all_success"
     assert up["report"] == {"prepare", *MAPPED_TASKS}
     assert up["check_variants"] == set(MAPPED_TASKS)
-    assert {t.task_id for t in dag.tasks if not t.downstream_task_ids} == {"report", "check_variants"}
+    assert up["check_regression"] == {"report"}
+    assert {t.task_id for t in dag.tasks if not t.downstream_task_ids} == {"check_regression",
+                                                                          "check_variants"}
 
 
 def test_encoder_tasks_use_the_gpu_pool_and_queue_and_retry_with_backoff(dag):
@@ -219,3 +225,62 @@ def test_effective_config_starts_from_the_preset_and_overrides_what_was_set(dag)
     assert config.targets == smoke.targets and config.methods == smoke.methods
     assert config.train_size == smoke.train_size and config.precision == smoke.precision
     assert config.data == smoke.data
+
+
+def test_every_task_documents_what_it_does_reads_writes_and_what_a_retry_does(dag):
+    for t in dag.tasks:
+        doc = t.doc_md or ""
+        assert doc.startswith("**"), t.task_id  # a bold first sentence: what it does
+        assert "Retry" in doc and ("Reads" in doc or "reads" in doc), t.task_id
+        # no indented lines: Markdown would show them as a code block in the UI
+        assert not any(line.startswith("    ") for line in doc.splitlines()), t.task_id
+
+
+def test_the_data_asset_is_prepares_inlet_and_report_emits_report_and_adapter_assets(dag):
+    from tasks import assets
+
+    assert [(a.name, a.uri) for a in dag.get_task("prepare").inlets] == [
+        (assets.DATA["name"], assets.DATA["uri"])]
+    assert [a.name for a in dag.get_task("report").outlets] == [assets.REPORT["name"],
+                                                               assets.ADAPTER["name"]]
+
+
+def test_the_example_dag_is_scheduled_on_the_report_asset():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_DIR / "examples"))
+    assert bag.import_errors == {}
+    example = bag.dags["loraflow_after_report_example"]
+    from tasks import assets
+
+    assert [a.name for a in example.timetable.asset_condition.objects] == [assets.REPORT["name"]]
+
+
+def test_without_a_notification_connection_there_are_no_callbacks_or_deadline(dag):
+    assert not dag.on_failure_callback and not dag.on_success_callback
+    assert not dag.deadline
+
+
+def test_a_notification_connection_adds_failure_success_and_deadline_notifiers():
+    script = textwrap.dedent(f"""
+        import json
+        from airflow.dag_processing.dagbag import DagBag
+        dag = DagBag(dag_folder={str(DAGS_DIR)!r}).dags[{DAG_ID!r}]
+        alert, failure = dag.deadline[0], dag.on_failure_callback
+        print(json.dumps({{
+            "failure": [type(failure).__name__, failure.conn_id, failure.event],
+            "success": [dag.on_success_callback.event],
+            "deadline_s": alert.interval.total_seconds(),
+            "reference": type(alert.reference).__name__,
+            "callback": [alert.callback.path, alert.callback.kwargs]}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=airflow_env(LORAFLOW_NOTIFY_CONN_ID="loraflow_mail",
+                                         LORAFLOW_DEADLINE_HOURS="1.5"),
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"failure": ["RunNotifier", "loraflow_mail", "failed"], "success": ["succeeded"],
+                   "deadline_s": 5400.0, "reference": "DagRunQueuedAtDeadline",
+                   "callback": ["tasks.notify.RunNotifier",
+                                {"conn_id": "loraflow_mail", "event": "deadline"}]}
