@@ -161,6 +161,8 @@ def settings(opts: argparse.Namespace, home: Path) -> dict[str, str]:
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(opts.port + 1),
         "LORAFLOW_ARTIFACTS": str(Path(opts.artifacts).resolve()),
         "LORAFLOW_REPORTS": str(Path(opts.reports).resolve()),
+        # runs start when the data asset receives an event (or from the trigger form)
+        "LORAFLOW_SCHEDULE": os.environ.get("LORAFLOW_SCHEDULE", "asset"),
         # The project importable as `tasks` (as in scripts/airflow_env.sh), this file as
         # `loraflow_cluster` (the hostname callable), and the venv's `airflow` and `python`.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"),
