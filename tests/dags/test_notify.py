@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from email import message_from_bytes
 from email.policy import default as email_policy
 from types import SimpleNamespace
@@ -16,6 +18,12 @@ from tasks import assets, notify
 from tasks.paths import report_slug, write_json
 
 RUN_ID = "scheduled__2026-12-06T00:00:00+00:00"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -86,12 +94,13 @@ def test_the_deadline_callback_sends_one_message_through_the_connection(reports,
             received.append(message_from_bytes(envelope.content, policy=email_policy))
             return "250 OK"
 
-    controller = Controller(Mailbox(), hostname="127.0.0.1", port=0)
+    port = int(os.environ.get("LORAFLOW_TEST_PORT_BASE", 0)) + 4 if os.environ.get(
+        "LORAFLOW_TEST_PORT_BASE") else _free_port()
+    controller = Controller(Mailbox(), hostname="127.0.0.1", port=port)
     controller.start()
     try:
         monkeypatch.setenv("AIRFLOW_CONN_LORAFLOW_MAIL", json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": controller.server.sockets[0]
-            .getsockname()[1], "extra": {"from_email": "loraflow@example.com",
+            "conn_type": "smtp", "host": "127.0.0.1", "port": port, "extra": {"from_email": "loraflow@example.com",
                                          "to": "a@example.com, b@example.com",
                                          "disable_ssl": True, "disable_tls": True}}))
         # what the scheduler queues for the triggerer when the deadline passes
@@ -126,8 +135,9 @@ class _Event(SimpleNamespace):
 
 
 def test_run_params_come_from_the_latest_data_event_and_unknown_names_are_refused():
-    data = SimpleNamespace(name=assets.DATA["name"], uri=assets.DATA["uri"])
-    other = SimpleNamespace(name="elsewhere", uri="x-other://a")
+    from airflow.sdk import Asset
+
+    data, other = Asset(**assets.DATA), Asset(name="elsewhere", uri="x-other://a")
     events = {data: [_Event(extra={"params": {"preset": "cpu"}}, timestamp="2026-12-01T01"),
                      _Event(extra={"params": {"preset": "smoke"}}, timestamp="2026-12-01T02"),
                      _Event(extra={}, timestamp="2026-12-01T03")],
