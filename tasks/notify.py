@@ -67,7 +67,7 @@ class RunNotifier(BaseNotifier):
 
     def notify(self, context: dict[str, Any]) -> None:
         message = compose(self.event, context)
-        notifier = _channel(self.conn_id, *message)
+        notifier = _channel(self.conn_id, *message, run_id=_run_id(context))
         if notifier is not None:
             notifier.notify(context)
             log.info("%s notification sent through %s: %s", self.event, self.conn_id, message[0])
@@ -76,13 +76,15 @@ class RunNotifier(BaseNotifier):
         # the deadline runs in the triggerer's event loop; reading the connection and the
         # run's files are blocking calls
         message = await asyncio.to_thread(compose, self.event, context)
-        notifier = await asyncio.to_thread(_channel, self.conn_id, *message)
+        notifier = await asyncio.to_thread(_channel, self.conn_id, *message,
+                                           run_id=_run_id(context))
         if notifier is not None:
             await asyncio.to_thread(notifier.notify, context)
             log.info("%s notification sent through %s: %s", self.event, self.conn_id, message[0])
 
 
-def _channel(conn_id: str, subject: str, body: str) -> BaseNotifier | None:
+def _channel(conn_id: str, subject: str, body: str,
+             run_id: str = "") -> BaseNotifier | None:
     """The provider's notifier for the connection's type, or None when the connection
     does not exist."""
     from airflow.sdk import BaseHook
@@ -90,7 +92,8 @@ def _channel(conn_id: str, subject: str, body: str) -> BaseNotifier | None:
     try:
         conn = BaseHook.get_connection(conn_id)
     except Exception as err:  # AirflowNotFoundException; its import path moves between versions
-        log.warning("no notification sent: connection %r is not defined (%s)", conn_id, err)
+        log.warning("no notification sent for run %s: connection %r is not defined (%s)",
+                    run_id, conn_id, err)
         return None
     kind = (conn.conn_type or "").lower()
     if kind in ("smtp", "email"):

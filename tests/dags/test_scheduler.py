@@ -1,7 +1,12 @@
 """A real Airflow: API server, scheduler and DAG processor as separate processes
 (LocalExecutor, SQLite in a throw-away home), driven only through the REST API v2, as a
 user's script or the web UI would. The `gpu` pool has one slot, so the encoder variants
-(two LoRA ranks and full fine-tuning) of a smoke sweep must run one after another."""
+(two LoRA ranks and full fine-tuning) of a smoke sweep must run one after another. The DAG
+is scheduled on its data asset and notifies through a connection that the tests create
+only after the first runs, pointing at a real SMTP server (aiosmtpd) started here.
+
+`LORAFLOW_TEST_PORT_BASE` (e.g. 9160) puts the API server, the log servers and the SMTP
+server on that port and the next three, instead of free ports the OS picks."""
 
 from __future__ import annotations
 
@@ -14,9 +19,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default as email_policy
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -29,9 +38,13 @@ from tests.dags.conftest import DAG_ID, airflow_env
 pytestmark = [pytest.mark.slow, pytest.mark.scheduler]
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
+NOTIFY_CONN_ID = "loraflow_notify"
+EXAMPLE_DAG_ID = "loraflow_after_report_example"
 
 
-def _free_port() -> int:
+def _free_port(offset: int = 0) -> int:
+    if base := os.environ.get("LORAFLOW_TEST_PORT_BASE"):
+        return int(base) + offset
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,6 +69,7 @@ class Airflow:
     home: Path
     artifacts: Path
     reports: Path
+    smtp: Any  # the SMTP server's handler: .messages, every message received
 
     def trigger(self, conf: dict) -> httpx.Response:
         return self.client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
@@ -69,8 +83,35 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+class _Mailbox:
+    """aiosmtpd handler: keeps every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        self.messages.append(message_from_bytes(envelope.content, policy=email_policy))
+        return "250 OK"
+
+    def about(self, run_id: str) -> list[EmailMessage]:
+        return [m for m in self.messages if run_id in str(m["Subject"])]
+
+
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
+def smtp():
+    from aiosmtpd.controller import Controller
+
+    mailbox = _Mailbox()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=_free_port(3))
+    controller.start()
+    try:
+        yield controller.port, mailbox
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory, smtp):
     """Start the three components; stop them (whole process groups, so LocalExecutor
     workers and running tasks go too) when the module's tests are done."""
     root = tmp_path_factory.mktemp("airflow-cluster")
@@ -93,7 +134,11 @@ def airflow(tmp_path_factory):
         AIRFLOW__API__BASE_URL=url,
         AIRFLOW__API__WORKERS="1",
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{url}/execution/",
-        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port()),  # not 8793: may be taken
+        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port(1)),  # not 8793: may be taken
+        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(_free_port(2)),  # not 8794
+        LORAFLOW_SCHEDULE="asset",  # a run starts when the data asset receives an event
+        LORAFLOW_NOTIFY_CONN_ID=NOTIFY_CONN_ID,  # the connection itself comes later
+        LORAFLOW_DEADLINE_HOURS="2",
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
         LORAFLOW_ARTIFACTS=str(root / "artifacts"),
         LORAFLOW_REPORTS=str(root / "reports"),
@@ -102,7 +147,6 @@ def airflow(tmp_path_factory):
         OMP_NUM_THREADS="1",  # 3 task processes on a 2-core machine: no thread oversubscription
     )
     env.pop("LORAFLOW_DEVICE", None)
-    env.pop("LORAFLOW_SCHEDULE", None)  # the default, weekly: unpausing must not start a run
     airflow_cli = [sys.executable, "-m", "airflow"]
     subprocess.run([*airflow_cli, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     subprocess.run([*airflow_cli, "pools", "set", "gpu", "1", "one GPU"], env=env, check=True,
@@ -129,7 +173,7 @@ def airflow(tmp_path_factory):
         client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
         _wait("the DAG processor to register the DAG",
               lambda: client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200, timeout=120)
-        yield Airflow(url, client, home, root / "artifacts", root / "reports")
+        yield Airflow(url, client, home, root / "artifacts", root / "reports", smtp[1])
     except BaseException:
         for name in COMPONENTS:
             print(f"--- {name} log (tail) ---\n{_tail(logs[name])}")
@@ -149,12 +193,15 @@ def airflow(tmp_path_factory):
 
 @pytest.mark.timeout(300)  # includes starting the components
 def test_dag_starts_paused_and_unpauses_through_the_api(airflow):
+    assert airflow.client.get(f"/api/v2/dags/{DAG_ID}").json()["is_paused"] is True
     dag = airflow.client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
     assert dag.status_code == 200, dag.text
     assert dag.json()["is_paused"] is False
-    # Weekly, and the first scheduled run is the next slot, not one started right now.
-    next_run = datetime.fromisoformat(dag.json()["next_dagrun_run_after"])
-    assert next_run > datetime.now(UTC)
+    # Scheduled on the data asset: no time-based run, and nothing starts until an event
+    # (the next test finds no run).
+    assert dag.json()["next_dagrun_run_after"] is None
+    details = airflow.client.get(f"/api/v2/dags/{DAG_ID}/details").raise_for_status().json()
+    assert "loraflow_imdb_data" in json.dumps(details["asset_expression"])
 
 
 @pytest.mark.parametrize("conf, field", [
@@ -194,7 +241,7 @@ def test_smoke_sweep_succeeds_and_gpu_tasks_never_overlap(airflow, imdb_dir):
     states = {(t["task_id"], t["map_index"]): t["state"] for t in tis}
     assert state == "success", states
     single = {"prepare", "plan_cpu_variants", "plan_gpu_variants", "download_dataset",
-              "validate_dataset", "tokenize", "report"}
+              "validate_dataset", "tokenize", "report", "check_regression"}
     assert {t for t, s in states.items() if s == "success"} == (
         {(t, -1) for t in single} | {("cpu_variants", 0)}
         | {("gpu_variants", i) for i in range(len(gpu_names))})
@@ -219,4 +266,148 @@ def test_smoke_sweep_succeeds_and_gpu_tasks_never_overlap(airflow, imdb_dir):
     records = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("results/*/metrics.json")}
     assert set(records) == {v.name for v in config.variants()}
     assert all(r["status"] == "ok" for r in records.values())
+    # where each variant ran, recorded by the variant itself (a worker process here)
+    import torch
+    import transformers
+
+    for r in records.values():
+        p = r["provenance"]
+        assert (p["torch"], p["transformers"]) == (torch.__version__, transformers.__version__)
+        assert p["cuda"] and p["device_name"] and p["host"] and p["git_commit"] != "unknown"
+    assert {records[n]["provenance"]["precision"] for n in gpu_names} <= {"fp32", "bf16"}
     assert (airflow.reports / report_slug(run_id) / "report.html").exists()
+
+
+def _finished(airflow: Airflow, dag_id: str, run_id: str) -> str | None:
+    run = airflow.client.get(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
+    state = run.raise_for_status().json()["state"]
+    return state if state in ("success", "failed") else None
+
+
+def _asset_id(airflow: Airflow, name: str) -> int:
+    found = airflow.client.get("/api/v2/assets", params={"name_pattern": name}).raise_for_status()
+    [asset] = [a for a in found.json()["assets"] if a["name"] == name]
+    return asset["id"]
+
+
+def _mail(airflow: Airflow, run_id: str, timeout: float = 120) -> list[EmailMessage]:
+    """The messages about `run_id`, once there is one, plus a moment for a second (none
+    may come: exactly one is expected); the DAG processor runs the callbacks."""
+    messages = _wait(f"a message about {run_id}", lambda: airflow.smtp.about(run_id), timeout)
+    time.sleep(5)
+    return airflow.smtp.about(run_id) or messages
+
+
+def _body(message: EmailMessage) -> str:
+    return message.get_body(("html", "plain")).get_content()
+
+
+def _fail_a_run(airflow: Airflow) -> str:
+    """A run that fails in `prepare`: its data folder does not exist."""
+    created = airflow.trigger({"preset": "smoke", "data": "/no/such/imdb/folder"})
+    assert created.status_code == 200, created.text
+    run_id = created.json()["dag_run_id"]
+    state = _wait("the failing run", lambda: _finished(airflow, DAG_ID, run_id), 180, 2)
+    assert state == "failed"
+    return run_id
+
+
+@pytest.mark.timeout(300)
+def test_without_the_connection_a_failed_run_sends_nothing(airflow):
+    run_id = _fail_a_run(airflow)
+
+    # the DAG processor ran the failure callback, which found no connection
+    def callback_ran():
+        return any(f"no notification sent for run {run_id}: connection" in text
+                   for text in (p.read_text(errors="replace")
+                                for p in (airflow.home / "logs").rglob("*.log")))
+
+    _wait("the DAG processor to run the failure callback", callback_ran, timeout=120, every=2)
+    assert airflow.smtp.messages == []
+
+
+@pytest.mark.timeout(600)
+def test_an_event_on_the_data_asset_starts_a_run_whose_report_events_start_the_example(
+        airflow, imdb_dir, smtp):
+    from tasks import assets
+
+    # From now on every run notifies through the SMTP server.
+    extra = {"from_email": "loraflow@example.com", "to": "ml-team@example.com",
+             "disable_ssl": True, "disable_tls": True}
+    created = airflow.client.post("/api/v2/connections", json={
+        "connection_id": NOTIFY_CONN_ID, "conn_type": "smtp", "host": "127.0.0.1",
+        "port": smtp[0], "extra": json.dumps(extra)})
+    assert created.status_code == 201, created.text
+    for dag_id in (DAG_ID, EXAMPLE_DAG_ID):
+        airflow.client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+    before = {r["dag_run_id"] for r in airflow.runs()}
+    params = {"preset": "smoke", "data": str(imdb_dir), "train_size": 64, "val_size": 32,
+              "test_size": 32, "max_length": 32, "ranks": [2], "methods": ["majority", "lora"]}
+    event = airflow.client.post("/api/v2/assets/events", json={
+        "asset_id": _asset_id(airflow, assets.DATA["name"]), "extra": {"params": params}})
+    assert event.status_code == 200, event.text
+
+    def new_run():
+        runs = [r for r in airflow.runs() if r["dag_run_id"] not in before]
+        return runs[0] if runs else None
+
+    run = _wait("the asset event to start a run", new_run, timeout=60)
+    run_id = run["dag_run_id"]
+    assert run["run_type"] == "asset_triggered"
+    state = _wait("the asset-triggered run", lambda: _finished(airflow, DAG_ID, run_id), 420, 2)
+    assert state == "success"
+    config = json.loads((airflow.artifacts / "runs" / run_id / "config.json").read_text())
+    assert (config["preset"], config["train_size"], config["methods"]) == (
+        "smoke", 64, ["majority", "lora"])  # the event's params, not the form's defaults
+
+    # report's outlet events carry the extras
+    url = f"{airflow.url}/loraflow/reports/{report_slug(run_id)}/report.html"
+    by_asset = {}
+    for name in (assets.REPORT["name"], assets.ADAPTER["name"]):
+        got = airflow.client.get("/api/v2/assets/events", params={
+            "asset_id": _asset_id(airflow, name), "source_run_id": run_id}).raise_for_status()
+        [by_asset[name]] = got.json()["asset_events"]
+    report, adapter = by_asset[assets.REPORT["name"]], by_asset[assets.ADAPTER["name"]]
+    assert (report["source_dag_id"], report["source_task_id"]) == (DAG_ID, "report")
+    extra = report["extra"]
+    assert (extra["run_id"], extra["preset"], extra["report_url"]) == (run_id, "smoke", url)
+    summary = json.loads((airflow.reports / report_slug(run_id) / "summary.json").read_text())
+    assert set(extra["selected"]) == {"majority", "lora"}
+    for method, chosen in extra["selected"].items():
+        stored = summary["selected"][method]
+        assert chosen["configuration"] == stored["configuration"]
+        assert (chosen["validation_accuracy"], chosen["accuracy"]) == (
+            stored["validation_accuracy"], stored["accuracy"])
+        assert 0 <= chosen["accuracy"] <= 1 and 0 <= chosen["validation_accuracy"] <= 1
+    adapter_path = Path(adapter["extra"]["adapter_path"])
+    assert adapter_path == airflow.artifacts / "runs" / run_id / "results" / (
+        f"{extra['selected']['lora']['configuration']}_s42") / "adapter"
+    assert (adapter_path / "adapter_config.json").exists()
+
+    # the example DAG, scheduled on the report asset, ran on this event
+    def example_run():
+        for r in airflow.client.get(f"/api/v2/dags/{EXAMPLE_DAG_ID}/dagRuns").json()["dag_runs"]:
+            events = airflow.client.get(
+                f"/api/v2/dags/{EXAMPLE_DAG_ID}/dagRuns/{quote(r['dag_run_id'], safe='')}"
+                "/upstreamAssetEvents").json()["asset_events"]
+            if any(e["source_run_id"] == run_id for e in events) and r["state"] == "success":
+                return r
+        return None
+
+    _wait("the example DAG to run after the report", example_run, timeout=120, every=2)
+
+    # one message about the successful run, with the headline and the report's URL
+    [message] = _mail(airflow, run_id)
+    assert message["Subject"] == f"[loraflow] run {run_id} succeeded"
+    assert message["To"] == "ml-team@example.com"
+    body = _body(message)
+    assert url in body and summary["headline"][:60] in body
+
+
+@pytest.mark.timeout(300)
+def test_with_the_connection_a_failed_run_sends_one_message(airflow):
+    run_id = _fail_a_run(airflow)
+    [message] = _mail(airflow, run_id)
+    assert message["Subject"] == f"[loraflow] run {run_id} failed"
+    body = _body(message)
+    assert "Reason:" in body and "No report was written" in body
