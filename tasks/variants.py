@@ -73,7 +73,10 @@ def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
 
 def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
          paths: RunPaths, device: str | None) -> Path:
+    from tasks import tracking
+
     record = MetricsRecord.start(variant, config.model, config.preset)
+    tracked = tracking.variant_run(variant, paths)  # inactive unless MLflow tracking is on
     try:
         module = importlib.import_module(method.module)
         with _device(method.uses_encoder, device) as leased:
@@ -82,7 +85,7 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
             if method.trained:
                 from tasks.train import train_variant
 
-                predictions = train_variant(job, module)
+                predictions = train_variant(job, module, on_log=tracked.log_progress)
             else:
                 predictions = module.predict(job)
         path = record.finish(paths, (labels(paths, "validation"), predictions.validation),
@@ -97,6 +100,8 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         log.exception("variant %s failed", variant.name)
         record.fail(paths, err)
         raise
+    finally:
+        tracked.finish(record, paths)  # after metrics.json: a copy, never the cause of a failure
 
 
 @contextlib.contextmanager
