@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tasks.evaluate import autocast, eval_mode, pad_batch, sorted_batches
+from tasks.tokenize import special_tokens_around
 
 if TYPE_CHECKING:
     from tasks.variants import Job, Predictions
@@ -163,17 +164,6 @@ def label_word_id(tokenizer: Any, word: str) -> int:
                          f"{type(tokenizer).__name__} (tokens: "
                          f"{tokenizer.convert_ids_to_tokens(ids)})")
     return int(ids[0])
-
-
-def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens a single sequence gets before and after its text ([CLS], [SEP]
-    for BERT-family tokenizers), read off the tokenizer's own output for a one-token text
-    (transformers 5 tokenizers no longer expose build_inputs_with_special_tokens)."""
-    word = tokenizer("a", add_special_tokens=False)["input_ids"]
-    wrapped = tokenizer("a")["input_ids"]
-    assert len(word) == 1 and wrapped.count(word[0]) == 1, (word, wrapped)
-    at = wrapped.index(word[0])
-    return wrapped[:at], wrapped[at + 1:]
 
 
 def cloze_inputs(tokenizer: Any, texts: list[str], template: str,
