@@ -16,6 +16,7 @@ Standard library only: the config imports TRUNCATIONS.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 TRUNCATIONS = ("head", "head_tail")
 HEAD_SHARE = 128 / 510  # head_tail: Sun et al.'s share of the budget given to the head
@@ -56,3 +57,21 @@ def describe(max_length: int, truncation: str, specials: int = 2) -> str:
         return f"the first {budget} tokens"
     head = min(head_tokens(budget), budget - 1)
     return f"the first {head} and last {budget - head} tokens"
+
+
+def input_budget(reads: str, tokens: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a method read of each review (the metrics record's `input_budget`): `reads` is
+    the registry's; `tokens` the run's data/tokens.json (None before the tokenize step)."""
+    if reads == "labels":
+        return {"reads": reads, "text": "no review text (training labels only)"}
+    if reads == "whole":
+        return {"reads": reads, "text": "the whole review", "cut_share": 0.0,
+                "mean_share_read": 1.0}
+    if not tokens:
+        return None
+    settings, test = tokens.get("truncation_settings") or {}, tokens["stats"]["test"]
+    head, tail = settings.get("head_tokens"), settings.get("tail_tokens") or 0
+    text = (f"the first {head} and last {tail} tokens" if tail else f"the first {head} tokens")
+    return {"reads": reads, "text": text, "max_tokens": tokens["max_length"],
+            "truncation": tokens.get("truncation"), "cut_share": test["truncated_share"],
+            "mean_share_read": test.get("mean_share_read")}
