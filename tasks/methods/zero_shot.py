@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tasks.evaluate import autocast, eval_mode, pad_batch, sorted_batches
-from tasks.text import cut, normalise
+from tasks.text import cut, describe, normalise
 from tasks.tokenize import special_tokens_around
 
 if TYPE_CHECKING:
@@ -182,11 +182,9 @@ def usable_clozes(tokenizer: Any, alternatives: dict[str, Cloze]
     return usable, skipped
 
 
-def cloze_inputs(tokenizer: Any, texts: list[str], template: str, max_length: int,
-                 truncation: str = "head") -> tuple[list[list[int]], np.ndarray]:
-    """(input ids with special tokens, mask position) per text. The normalised review is
-    cut by `truncation` (`tasks.text.cut`: its head, or its head and tail) so that review +
-    prompt + special tokens fit `max_length`; the prompt is never cut."""
+def cloze_prompt(tokenizer: Any, template: str, max_length: int) -> tuple[list[int], int]:
+    """(the prompt's token ids, how many review tokens fit beside it and the special
+    tokens in `max_length`)."""
     if not template.startswith(REVIEW) or template.count(MASK) != 1:
         raise ValueError(f"cloze template {template!r} must start with {REVIEW} and hold "
                          f"exactly one {MASK}")
@@ -198,6 +196,15 @@ def cloze_inputs(tokenizer: Any, texts: list[str], template: str, max_length: in
     if budget < 1:
         raise ValueError(f"max_length {max_length} leaves no room for a review next to the "
                          f"prompt {suffix!r} ({len(prompt)} tokens + special tokens)")
+    return prompt, budget
+
+
+def cloze_inputs(tokenizer: Any, texts: list[str], template: str, max_length: int,
+                 truncation: str = "head") -> tuple[list[list[int]], np.ndarray]:
+    """(input ids with special tokens, mask position) per text. The normalised review is
+    cut by `truncation` (`tasks.text.cut`: its head, or its head and tail) so that review +
+    prompt + special tokens fit `max_length`; the prompt is never cut."""
+    prompt, budget = cloze_prompt(tokenizer, template, max_length)
     # a literal "[MASK]" inside a review would be read as the mask token: drop it
     reviews = [normalise(t).replace(tokenizer.mask_token, " ") for t in texts]
     encoded = tokenizer(reviews, add_special_tokens=False, truncation=False,
@@ -302,6 +309,7 @@ def choose_and_score(model_source: str, validation_texts: list[str],
                                         batch, dtype, truncation)
         hyper.update(template=pick.template, label_words=[pick.negative, pick.positive],
                      prompt="kept whole; the review is cut to fit beside it",
+                     review_tokens=cloze_prompt(tokenizer, pick.template, max_length)[1],
                      alternatives={n: [c.template, c.negative, c.positive]
                                    for n, c in clozes.items()})
         if skipped:
@@ -351,6 +359,9 @@ def predict(job: Job) -> Predictions:
     record.details["chosen"] = result.chosen
     record.details["prompt_choice"] = {"alternatives": tried, "validation_labels": n_labels,
                                        "skipped": sorted(result.skipped)}
+    if result.mode == "cloze" and record.input_budget:  # the prompt takes part of the budget
+        review = describe(result.hyperparameters["review_tokens"], job.config.truncation, 0)
+        record.input_budget = {**record.input_budget, "text": f"{review}, beside the prompt"}
     record.details["row_label"] = row_label(registry.method(job.variant.method).label, tried,
                                             n_labels)
     what = ("the review's embedding against one description per label"

@@ -16,6 +16,8 @@ from tasks.registry import Variant
 from tasks.tokenize import tokenize_dataset
 from tasks.variants import run_variant
 
+GRID = (1e-3, 0.1)  # two candidates keep the pooling tests' searches cheap
+
 
 def toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Two noisy Gaussian classes in 8 dimensions."""
@@ -59,12 +61,12 @@ def test_the_pooling_with_the_higher_cv_score_is_chosen():
         result = fit_probe_poolings({"mean": x if good == "mean" else noise,
                                      "cls": x if good == "cls" else noise}, y,
                                     {"mean": val_x, "cls": val_x}, {"mean": test_x, "cls": test_x},
-                                    folds=4)
+                                    folds=4, c_grid=GRID)
         scores = result.cv_accuracy_by_pooling
         assert result.pooling == good and scores[good] > 0.8 > 0.65 > scores[bad]
         assert result.cv_accuracy == scores[good]
         # the chosen pooling's model is the one that scores validation
-        alone = fit_probe(x, y, val_x, test_x, folds=4)
+        alone = fit_probe(x, y, val_x, test_x, folds=4, c_grid=GRID)
         np.testing.assert_allclose(result.prob_validation, alone.prob_validation)
 
 
@@ -72,7 +74,7 @@ def test_equal_cv_scores_keep_the_first_pooling():
     x, y = toy(200, 0)
     for order in (("mean", "cls"), ("cls", "mean")):
         same = dict.fromkeys(order, x)
-        assert fit_probe_poolings(same, y, same, same, folds=4).pooling == order[0]
+        assert fit_probe_poolings(same, y, same, same, folds=4, c_grid=GRID).pooling == order[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +97,12 @@ def test_poisoned_validation_and_test_change_no_choice_and_each_row_is_encoded_o
 
     monkeypatch.setattr(models, "load_classifier", counting_loader)
     train, validation, test = tiny_frames
-    clean = linear_probe("tiny-distilbert", train, validation, test, batch_size=64)
+    clean = linear_probe("tiny-distilbert", train, validation, test, batch_size=64, c_grid=GRID)
     assert len(calls) == 7 + 2 + 4  # one pass per batch of 64: 400, 100, 200 rows
     # validation and test with flipped labels and every review replaced by the first one
     poisoned = [f.assign(label=1 - f["label"], input_ids=[f["input_ids"].iloc[0]] * len(f),
                          length=f["length"].iloc[0]) for f in (validation, test)]
-    poison = linear_probe("tiny-distilbert", train, *poisoned, batch_size=64)
+    poison = linear_probe("tiny-distilbert", train, *poisoned, batch_size=64, c_grid=GRID)
     assert set(clean.cv_accuracy_by_pooling) == {"mean", "cls"}
     assert (poison.pooling, poison.C, poison.cv_accuracy_by_pooling) == (
         clean.pooling, clean.C, clean.cv_accuracy_by_pooling)

@@ -27,6 +27,7 @@ from tasks.metrics import MetricsRecord
 from tasks.models import load_tokenizer
 from tasks.registry import Variant
 from tasks.report.compute import aggregate
+from tasks.tokenize import tokenize_dataset
 from tasks.variants import NotApplicable, run_variant
 
 
@@ -230,9 +231,13 @@ def test_the_record_says_what_was_done_and_names_the_row(run, mlm_folder, monkey
         "b": Cloze("{review} It was {mask}.", "unwatchable", "great"),
         "c": Cloze("{review} Verdict: {mask}.", "bad", "good"),
     })
+    tokenize_dataset(config, paths)  # the encoders' input budget, which the record states
     record = MetricsRecord.read(run_variant(Variant("zero_shot"), config, paths, device="cpu"))
     assert record.status == "ok", record.error
     assert record.hyperparameters["truncation"] == "head_tail"
+    # both prompts take 4 tokens ("it was [MASK] .", "verdict : [MASK] ."): 32 - 2 - 4 left
+    assert record.hyperparameters["review_tokens"] == 26
+    assert record.input_budget["text"] == "the first 7 and last 19 tokens, beside the prompt"
     assert record.details["prompt_choice"] == {"alternatives": 2, "validation_labels": 100,
                                                "skipped": ["b"]}
     assert "'b'" in record.notes and "'unwatchable'" in record.notes
