@@ -76,7 +76,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("seed_heuristic", "baseline", "notebook heuristic", "#444444", True,
            "the seed notebook's sign of the summed [CLS] vector; not a classifier"),
     Method("linear_probe", "baseline", "linear probe", "#CC79A7", True,
-           "logistic regression on frozen encoder features, C chosen by cross-validation"),
+           "logistic regression on frozen encoder features, pooling and C chosen by CV on train"),
     Method("lora", "trained", "LoRA", "#0072B2", True,
            "low-rank adapters on the chosen projections, base frozen (Hu et al. 2021)",
            lr_field="lora_lr", dims=("rank", "targets", "lr", "seed"), artifact="adapter",

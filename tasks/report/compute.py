@@ -66,9 +66,12 @@ def aggregate(records: list[MetricsRecord]) -> dict[str, Any]:
     trainable, total = mean("params_trainable"), mean("params_total")
     single_ci = ok[0].accuracy_ci95 if len(ok) == 1 and ok[0].accuracy_ci95 else [None, None]
     method = registry.METHODS.get(first.method)
+    # a method may name what it did in `details["row_label"]` (zero-shot: its prompt choice)
+    own_label = next((r.details["row_label"] for r in ok if r.details.get("row_label")), None)
     return {
         "name": variant.config_name if variant and len(records) > 1 else first.variant,
-        "label": variant.label(seed=len(records) == 1) if variant else first.variant,
+        "label": own_label or (variant.label(seed=len(records) == 1) if variant
+                               else first.variant),
         "method": first.method,
         "method_label": method.label if method else first.method,
         "variants": [r.variant for r in records],
