@@ -95,6 +95,7 @@ from tasks.config import (
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
+    TRUNCATIONS,
     default_data_source,
     preset_config,
 )
@@ -186,6 +187,13 @@ PARAMS: dict[str, Param] = {
         None, type=["null", "integer"], minimum=8, maximum=MAX_TOKENS,
         title="Max tokens", section="Data subset",
         description=f"Tokens per review after truncation (8 to {MAX_TOKENS})." + EMPTY,
+    ),
+    "truncation": Param(
+        None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
+        section="Data subset",
+        description="What an encoder reads of a review longer than Max tokens: head (its "
+                    "first tokens) or head_tail (its first quarter and last three quarters "
+                    "of the budget; Sun et al. 2019)." + EMPTY,
     ),
     "epochs": Param(
         None, type=["null", "integer"], minimum=1, maximum=50, title="Epochs",
@@ -337,6 +345,7 @@ def lora_imdb_experiment():
 
         Retry: none. Bad settings fail the same way again; a second attempt with the same
         settings finds the folder and goes on, a different config for the run id is refused."""
+        from tasks import tracking
         from tasks.pipeline import config_from_params, describe, prepare_run
 
         context = get_current_context()
@@ -344,7 +353,9 @@ def lora_imdb_experiment():
         params.update(assets.params_from_events(context.get("triggering_asset_events"),
                                                 set(PARAMS)))
         config = config_from_params(params)
-        run_dir = str(prepare_run(config, context["run_id"]).run_dir)
+        paths = prepare_run(config, context["run_id"])
+        tracking.start_run(paths, DAG_ID)  # MLflow parent run, when tracking is on
+        run_dir = str(paths.run_dir)
         print(describe(config))  # the resolved settings and variants, in the task's log
         return {
             "run_dir": run_dir,
@@ -455,14 +466,16 @@ def lora_imdb_experiment():
         carry the run id, preset, each selected configuration with its validation and
         test accuracy, the report URL and the adapter path. Skipped when `prepare` failed.
         Retry: twice; the files are rewritten whole (same inputs, same bytes)."""
+        from tasks import tracking
         from tasks.assets import outlet_extras
-        from tasks.paths import read_json, report_url
+        from tasks.paths import RunPaths, read_json, report_url
         from tasks.report import build_report
 
         if run_dir is None:  # prepare failed: there is no run folder to report on
             raise AirflowSkipException("no run folder: prepare failed (see its log)")
         context = get_current_context()
         page = build_report(run_dir)
+        tracking.log_report(RunPaths.from_run_dir(run_dir), page)  # when tracking is on
         url = report_url(context["run_id"])
         extras = outlet_extras(context["run_id"], run_dir, read_json(page.parent / "summary.json"),
                                url)

@@ -298,6 +298,30 @@ def _mail(airflow: Airflow, run_id: str, timeout: float = 120) -> list[EmailMess
     return airflow.smtp.about(run_id) or messages
 
 
+def _screenshots(airflow: Airflow, run_id: str, folder: Path) -> None:
+    """The UI's asset event views of this run, logged in with the test's token."""
+    from playwright.sync_api import sync_playwright
+
+    token = airflow.client.headers["Authorization"].split()[1]
+    run = quote(run_id, safe="")
+    pages = {"dag_overview": f"/dags/{DAG_ID}", "run_asset_events":
+             f"/dags/{DAG_ID}/runs/{run}/asset_events", "assets": "/assets",
+             "example_dag": f"/dags/{EXAMPLE_DAG_ID}"}
+    folder.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.add_cookies([{"name": "_token", "value": token, "url": airflow.url}])
+            page = context.new_page()
+            for name, path in pages.items():
+                page.goto(airflow.url + path)
+                page.wait_for_timeout(8000)
+                page.screenshot(path=str(folder / f"ui_{name}.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def _body(message: EmailMessage) -> str:
     return message.get_body(("html", "plain")).get_content()
 
@@ -395,6 +419,8 @@ def test_an_event_on_the_data_asset_starts_a_run_whose_report_events_start_the_e
         return None
 
     _wait("the example DAG to run after the report", example_run, timeout=120, every=2)
+    if shots := os.environ.get("LORAFLOW_SCREENSHOTS"):  # for people, not an assertion
+        _screenshots(airflow, run_id, Path(shots))
 
     # one message about the successful run, with the headline and the report's URL
     [message] = _mail(airflow, run_id)
