@@ -167,7 +167,7 @@ def airflow(tmp_path_factory, smtp):
                     raise RuntimeError(f"airflow {name} exited:\n{_tail(logs[name])}")
             return client.get("/api/v2/monitor/health").status_code == 200
 
-        _wait("the API server", api_up, timeout=120)
+        _wait("the API server", api_up, timeout=240)  # minutes on a loaded machine
         token = client.post("/auth/token", json={"username": "admin", "password": password})
         token.raise_for_status()
         client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
