@@ -12,6 +12,9 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE ?= 0
+# Training tasks per GPU (pool `gpu` = GPUs x k; tasks/slots.py): a number, or `auto` to fit
+# free GPU memory. Without a GPU it is 1 whatever it says.
+export LORAFLOW_TASKS_PER_GPU ?= auto
 PRESET ?= cpu
 PORT ?= 8280
 CLUSTER_PORT ?= 8380

@@ -28,8 +28,9 @@ is touched.
 the menu), or `$LORAFLOW_REPORTS/` (default `reports/`); artifacts:
 `$LORAFLOW_ARTIFACTS/runs/<run_id>/` (default `artifacts/`).
 
-**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (one slot per GPU)
-and queue `gpu`; inside, a GPU lease (a lock per device) keeps two tasks off one GPU.
+**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (GPUs x k slots,
+k = LORAFLOW_TASKS_PER_GPU) and queue `gpu`; inside, a GPU lease (k locks per device)
+keeps more than k tasks off one GPU, and a variant too large to share one takes it whole.
 Without a GPU they run on the CPU.
 
 **Failures.** Download, tokenization, variants and the report retry twice with
@@ -219,7 +220,7 @@ RETRY: dict[str, Any] = {
     "retries": 2, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30), "retry_policy": NO_RETRY_ON_BAD_INPUT,
 }
-# Methods that run the encoder: one GPU each (pool slots = GPUs). A training retry resumes
+# Methods that run the encoder: a GPU slot each (pool slots = GPUs x k). A training retry resumes
 # from the variant's last epoch checkpoint, so it loses at most an epoch.
 ON_GPU: dict[str, Any] = {
     "pool": "gpu", "queue": "gpu", **RETRY, "execution_timeout": timedelta(hours=12),

@@ -11,9 +11,12 @@ What `start` runs, each component in a session of its own (PIDs in <home>/cluste
   Redis is the Celery broker and result backend;
 - api-server (UI, REST and Task Execution API), scheduler, dag-processor, triggerer;
 - Celery worker `default` on queue `default`, and workers `gpu-0` .. `gpu-<N-1>` on queue
-  `gpu` with concurrency 1, each with its own CUDA_VISIBLE_DEVICES; N = the GPUs that
-  nvidia-smi lists, 2 on a CPU-only machine (--gpu-workers);
-- pool `gpu` with N slots; one artifacts and reports root for all.
+  `gpu` with concurrency k (LORAFLOW_TASKS_PER_GPU or --tasks-per-gpu, a number or `auto`:
+  tasks/slots.py; 1 for a worker without a GPU), each with its own CUDA_VISIBLE_DEVICES;
+  N = the GPUs that nvidia-smi lists, 2 on a CPU-only machine (--gpu-workers);
+- pool `gpu` with the workers' concurrencies summed (N x k) slots; every component gets
+  the resolved k, so the lease in each task admits k tasks per GPU; one artifacts and
+  reports root for all.
 
 The settings every deployment shares come from docker/airflow.env and the one-time init
 (Fernet key, admin password, db migrate, pool) from docker/airflow-init.sh, both also used
@@ -84,6 +87,25 @@ class Component:
     queue: str | None = None  # Celery workers only
 
 
+def tasks_per_gpu(opts: argparse.Namespace) -> int:
+    """k: --tasks-per-gpu, else LORAFLOW_TASKS_PER_GPU, resolved against this host's GPUs."""
+    sys.path.insert(0, str(ROOT))  # tasks.slots: standard library only
+    from tasks import slots
+
+    value = slots.parse(opts.tasks_per_gpu) if opts.tasks_per_gpu else slots.setting()
+    return slots.resolve(value, slots.nvidia_smi_gpus())
+
+
+def gpu_worker_concurrency(opts: argparse.Namespace, gpus: int, index: int) -> int:
+    """k for a worker with a GPU of its own, 1 for one that trains on the CPU."""
+    return (getattr(opts, "resolved_tasks_per_gpu", None) or 1) if index < gpus else 1
+
+
+def pool_slots(opts: argparse.Namespace, gpus: int) -> int:
+    """Pool `gpu`: as many slots as the gpu workers run tasks at once."""
+    return sum(gpu_worker_concurrency(opts, gpus, i) for i in range(opts.gpu_workers))
+
+
 def components(opts: argparse.Namespace, gpus: int) -> list[Component]:
     """The control plane, then the workers. Ports: API on --port, log servers above it."""
     port = opts.port
@@ -100,7 +122,7 @@ def components(opts: argparse.Namespace, gpus: int) -> list[Component]:
         env = {"CUDA_VISIBLE_DEVICES": str(i) if i < gpus else ""}
         if not gpus and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // opts.gpu_workers))
-        workers.append((f"gpu-{i}", "gpu", 1, env))
+        workers.append((f"gpu-{i}", "gpu", gpu_worker_concurrency(opts, gpus, i), env))
     for offset, (name, queue, concurrency, env) in enumerate(workers, start=2):
         control.append(Component(
             name, ["celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
@@ -161,6 +183,8 @@ def settings(opts: argparse.Namespace, home: Path) -> dict[str, str]:
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(opts.port + 1),
         "LORAFLOW_ARTIFACTS": str(Path(opts.artifacts).resolve()),
         "LORAFLOW_REPORTS": str(Path(opts.reports).resolve()),
+        # the lease in every task admits as many tasks per GPU as the pool and workers do
+        "LORAFLOW_TASKS_PER_GPU": str(getattr(opts, "resolved_tasks_per_gpu", None) or 1),
         # The project importable as `tasks` (as in scripts/airflow_env.sh), this file as
         # `loraflow_cluster` (the hostname callable), and the venv's `airflow` and `python`.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"),
@@ -389,6 +413,11 @@ def start(opts: argparse.Namespace) -> int:
     gpus = gpu_count()
     if opts.gpu_workers is None:
         opts.gpu_workers = gpus or 2
+    try:
+        opts.resolved_tasks_per_gpu = tasks_per_gpu(opts)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     plan = components(opts, gpus)
     ports = [opts.port, opts.port + 1, *(int(c.env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"])
                                          for c in plan if c.queue)]
@@ -403,7 +432,8 @@ def start(opts: argparse.Namespace) -> int:
     create_database(opts)
     init_env = {**env, "LORAFLOW_AUTH_DIR": str(home / "auth"), "AIRFLOW_ADMIN_USER": ADMIN,
                 "AIRFLOW_ADMIN_PASSWORD": secrets_of(home)["admin_password"],
-                "GPU_POOL_SLOTS": str(opts.gpu_workers)}
+                # already counted per worker (k with a GPU, 1 without): no second factor
+                "GPU_POOL_SLOTS": str(pool_slots(opts, gpus)), "LORAFLOW_TASKS_PER_GPU": "1"}
     init_log = home / "logs" / "init.log"
     with open(init_log, "wb") as log:
         if subprocess.run(["bash", str(INIT_SCRIPT)], env=init_env, stdout=log,
@@ -413,6 +443,7 @@ def start(opts: argparse.Namespace) -> int:
 
     state = {"home": str(home), "url": f"http://{opts.host}:{opts.port}", "database": opts.database,
              "redis": opts.redis, "gpu_workers": opts.gpu_workers, "gpus": gpus,
+             "tasks_per_gpu": opts.resolved_tasks_per_gpu, "pool_slots": pool_slots(opts, gpus),
              "artifacts": env["LORAFLOW_ARTIFACTS"], "reports": env["LORAFLOW_REPORTS"],
              "components": {}}
     for c in plan:
@@ -480,7 +511,8 @@ def print_summary(state: dict, home: Path) -> None:
     for name, entry in state["components"].items():
         extra = f"queue {entry['queue']}, tasks show hostname {entry['hostname']}" if entry["queue"] else ""
         print(f"  {name:<14} pid {entry['pid']:<8} {extra}")
-    print(f"  pool gpu: {state['gpu_workers']} slots; logs in {home / 'logs'}; "
+    print(f"  pool gpu: {state.get('pool_slots', state['gpu_workers'])} slots "
+          f"({state.get('tasks_per_gpu', 1)} task(s) per GPU); logs in {home / 'logs'}; "
           "stop with `make cluster-stop`\n")
 
 
@@ -547,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="create the database, init, start every component")
     p.add_argument("--gpu-workers", type=int, help="workers on queue gpu (default: GPUs, else 2)")
+    p.add_argument("--tasks-per-gpu", help="training tasks per GPU: a number or auto "
+                   "(default $LORAFLOW_TASKS_PER_GPU, else 1; 1 without a GPU)")
     p.add_argument("--default-concurrency", type=int, default=4, help="tasks at once on the default worker")
     p.add_argument("--host", default="127.0.0.1", help="address the API server listens on")
     p.add_argument("--port", type=int, default=8380,

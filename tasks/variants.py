@@ -76,7 +76,7 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
     record = MetricsRecord.start(variant, config.model, config.preset)
     try:
         module = importlib.import_module(method.module)
-        with _device(method.uses_encoder, device) as leased:
+        with _device(method.uses_encoder, device, variant, config) as leased:
             record.device = leased
             job = Job(variant, config, paths, record, leased)
             if method.trained:
@@ -100,15 +100,16 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
 
 
 @contextlib.contextmanager
-def _device(uses_encoder: bool, given: str | None):
-    """The device a variant runs on: the caller's, else a GPU lease (one task per GPU)
-    for methods that run the encoder, else the CPU."""
+def _device(uses_encoder: bool, given: str | None, variant: Variant, config: ExperimentConfig):
+    """The device a variant runs on: the caller's, else a GPU lease (a slot of a GPU, or
+    all of one for a variant too large to share it) for methods that run the encoder, else
+    the CPU."""
     if given or not uses_encoder:
         yield given or "cpu"
         return
-    from tasks.gpu import gpu_lease
+    from tasks.gpu import gpu_lease, variant_peak_bytes
 
-    with gpu_lease() as leased:
+    with gpu_lease(peak_bytes=lambda: variant_peak_bytes(variant, config)) as leased:
         if leased.startswith("cuda"):  # nothing in this process may touch another GPU
             import torch
 
