@@ -75,7 +75,7 @@ def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: s
     """One training step of tasks.train's loop, synchronised on CUDA so the clock is true."""
     from tasks.evaluate import autocast, autocast_dtype
 
-    dtype = autocast_dtype(precision, device)
+    dtype = autocast_dtype(precision, device, tokens_per_batch=batch["input_ids"].numel())
     model.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
@@ -120,7 +120,8 @@ def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
     for c, _, trainable, params in runs:
         rows.append({"model": source, "name": c.name, "implementation": c.implementation,
                      "method": c.method, "precision_setting": c.precision,
-                     "precision": precision_label(autocast_dtype(c.precision, device)),
+                     "precision": precision_label(autocast_dtype(
+                         c.precision, device, tokens_per_batch=batch["input_ids"].numel())),
                      "ms_per_step": 1000 * statistics.median(times[c.name]),
                      "rounds": rounds, "params_trainable": trainable, "params_total": params,
                      "tokens_per_step": tokens})
