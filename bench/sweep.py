@@ -156,7 +156,7 @@ def variant_rows(paths, config) -> list[dict[str, Any]]:
 def summarise(arm: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
     flops = sum(r["step_flops"] * r["train_steps"] for r in ok)
-    return {**arm, "variants": len(rows), "ok": len(ok),
+    return {**arm, "variants": len(arm["processes"]), "ok": len(ok),
             "variants_per_hour": 3600 * len(ok) / arm["wall_seconds"],
             "median_seconds_per_step": statistics.median(r["seconds_per_step"] for r in ok) if ok else None,
             "median_step_tflops": statistics.median(r["step_tflops"] for r in ok) if ok else None,
