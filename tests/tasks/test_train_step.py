@@ -45,10 +45,12 @@ def test_logged_losses_are_what_float_loss_gave_every_step(frames, monkeypatch, 
     model = load_classifier("tiny-distilbert", seed=0)
     inject_lora(model, "qkvo", rank=4, alpha=8)
     per_step: list[float] = []
+    hooked: list[list] = []  # what the tracking hook saw at each logging point
     model.register_forward_hook(
         lambda module, args, out: per_step.append(float(out.loss.detach())) if module.training else None)
     with caplog.at_level(logging.INFO, logger="tasks.train"):
-        result = train.fit(model, train_df, val_df, lr=5e-3, config=config, seed=0, device="cpu")
+        result = train.fit(model, train_df, val_df, lr=5e-3, config=config, seed=0, device="cpu",
+                           on_log=lambda losses, _: hooked.append([h["loss"] for h in losses]))
     logged = [h["loss"] for h in result.loss_history]
     assert [h["step"] for h in result.loss_history] == list(range(1, 65))
     assert logged == per_step  # exactly the same floats, in step order
@@ -57,6 +59,10 @@ def test_logged_losses_are_what_float_loss_gave_every_step(frames, monkeypatch, 
     step_lines = [r.getMessage() for r in caplog.records if " step " in r.getMessage()]
     assert len(step_lines) == 21  # steps 3, 6, ..., 63
     assert f"step 63/64 loss {logged[62]:.4f} " in step_lines[-1]
+    # the hook (experiment tracking) sees every loss up to its step, never a pending one
+    assert len(hooked) == 21 + 2  # the logging points, then after each epoch's evaluation
+    assert all(seen == logged[: len(seen)] for seen in hooked)
+    assert [len(seen) for seen in hooked[:2]] == [3, 6] and len(hooked[-1]) == 64
 
 
 def test_the_loss_history_is_the_same_on_a_rerun_with_the_same_seed(frames):
