@@ -346,6 +346,8 @@ def markdown(results: dict[str, Any]) -> str:
               "tokens / step time; peak = the card's dense bf16 datasheet figure.", "",
               "| model | precision | ms/step | achieved TFLOP/s | peak TFLOP/s | share of peak |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]
+    if not results["paper_shape"]:
+        lines.append("| not measured: the run ended before this part | | | | | |")
     for r in results["paper_shape"]:
         peak = f"{r['peak_tflops']:.0f} ({r['peak_card']})" if r["peak_tflops"] else "-"
         share = f"{100 * r['share_of_peak']:.1f}%" if r["share_of_peak"] is not None else "-"
@@ -384,24 +386,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device}: torch sees no CUDA device")
     n = len(sweep_config(str(data_dir), args.quick).variants())
     k = args.k or default_k(args.device, n)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(results: dict[str, Any]) -> None:  # after each part: a timeout keeps what ran
+        (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "sweep.md").write_text(markdown(results))
+
     saved = {name: os.environ.get(name) for name in ("LORAFLOW_ARTIFACTS", "LORAFLOW_DEVICE")}
     try:
         with tempfile.TemporaryDirectory(prefix="loraflow-sweep-") as tmp:
             os.environ["LORAFLOW_ARTIFACTS"] = tmp  # the sweep's leases and runs, no one else's
-            sweep = bench_sweep(str(data_dir), args.quick, args.device, k, Path(tmp))
-            paper = paper_step_rows(data_dir, args.quick, args.device)
+            results = {"machine": machine(args.device), "mode": "quick" if args.quick else "full",
+                       "sweep": bench_sweep(str(data_dir), args.quick, args.device, k, Path(tmp)),
+                       "paper_shape": []}
+            write(results)
+            results["paper_shape"] = paper_step_rows(data_dir, args.quick, args.device)
+            write(results)
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    results = {"machine": machine(args.device), "mode": "quick" if args.quick else "full",
-               "sweep": sweep, "paper_shape": paper}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "sweep.md").write_text(markdown(results))
+    sweep = results["sweep"]
     print(markdown(results))
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
     failed = sum(a["variants"] - a["ok"] for a in sweep["arms"].values())
