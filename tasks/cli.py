@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks import registry
-from tasks.config import DEFAULT_PRESET, PRECISIONS, PRESETS, ExperimentConfig, preset_config
+from tasks.config import (
+    DEFAULT_PRESET,
+    PRECISIONS,
+    PRESETS,
+    ExperimentConfig,
+    parse_list,
+    preset_config,
+)
 from tasks.paths import InUse, exclusive
 from tasks.registry import Variant
 
@@ -32,10 +39,9 @@ TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
 def _numbers(kind: type):
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
-                                             f"got {text!r}") from None
+            return parse_list("", text, kind)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     parse.__name__ = f"comma-separated {kind.__name__}s"
     return parse
 

@@ -107,9 +107,8 @@ def _figures(run: StoredRun, configs: list[Configuration]) -> list[dict[str, Any
               "One point per configuration (mean over seeds); methods that train nothing are "
               "left out.", plots.accuracy_vs_params, ok_rows),
         _draw("Training loss per step",
-              "The selected configuration of each trained method, every seed: faint lines "
-              "are the logged steps, solid lines their moving average.",
-              plots.loss_curves, loss),
+              "The selected configuration of each trained method, every seed. "
+              + plots.loss_caption(loss), plots.loss_curves, loss),
         _draw("Validation accuracy per epoch",
               "The selected configurations; evaluated on the whole validation subset after "
               "each epoch.", plots.eval_curves, evals),

@@ -53,6 +53,43 @@ def _open(page, url: str) -> dict[str, list[str]]:
 HIDDEN_COLUMNS = ("[...document.querySelectorAll('table')].filter("
                   "t => t.getBoundingClientRect().right > window.innerWidth"
                   " || t.scrollWidth > t.parentElement.clientWidth + 1).map(t => t.className)")
+# Every way a block can sit wrongly, from the elements' boxes: the page scrolls sideways; a
+# block sticks out of its card (unless a scroll box inside the card clips it); two blocks
+# of one card overlap (columns of .cols and .grid, tables, figures, paragraphs).
+LAYOUT_PROBLEMS = """() => {
+  const out = [], W = document.documentElement.clientWidth;
+  if (document.documentElement.scrollWidth > W)
+    out.push(`page is ${document.documentElement.scrollWidth} px wide in ${W}`);
+  const box = e => e.getBoundingClientRect();
+  const name = e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+    (e.className && typeof e.className === 'string' ? '.' + e.className.split(' ')[0] : '') +
+    ' "' + (e.innerText || '').trim().slice(0, 30) + '"';
+  const clipper = (e, card) => {  // the nearest ancestor that clips e sideways, or the card
+    for (let a = e.parentElement; a && a !== card; a = a.parentElement)
+      if (getComputedStyle(a).overflowX !== 'visible') return a;
+    return card;
+  };
+  for (const card of document.querySelectorAll('section.card, header.top')) {
+    const c = box(card);
+    const blocks = [...card.querySelectorAll(
+      'h1, h2, h3, p, ul, table, figure, .scroll, .cols > *, .grid > *, .kpi, .problem, details')]
+      .filter(e => clipper(e, card) === card && box(e).width > 0);
+    for (const e of blocks) {
+      const b = box(e);
+      if (b.left < c.left - 1 || b.right > c.right + 1)
+        out.push(`${name(e)} spans ${Math.round(b.left)}-${Math.round(b.right)} outside its card ` +
+                 `${Math.round(c.left)}-${Math.round(c.right)}`);
+    }
+    for (let i = 0; i < blocks.length; i++) for (let j = i + 1; j < blocks.length; j++) {
+      const [a, b] = [blocks[i], blocks[j]];
+      if (a.contains(b) || b.contains(a)) continue;
+      const [p, q] = [box(a), box(b)];
+      if (p.left < q.right - 1 && q.left < p.right - 1 && p.top < q.bottom - 1 && q.top < p.bottom - 1)
+        out.push(`${name(a)} overlaps ${name(b)}`);
+    }
+  }
+  return out;
+}"""
 TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")  # matplotlib's cycle
 
 
