@@ -104,14 +104,15 @@ _BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, min, max), in
 # A sweep list typed as text (the trigger form, the CLI): numbers separated by commas,
 # spaces or new lines, e.g. "5e-4, 2e-3". The form's schema checks the same shape.
 LIST_SEPARATORS = re.compile(r"[\s,;]+")
-NUMBER_PATTERN = r"[+]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:[eE][+-]?[0-9]+)?"
-INTEGER_PATTERN = r"[+]?[0-9]+"
+# signs allowed, so that "-1" is refused by the bounds check, which says what the bounds are
+NUMBER_PATTERN = r"[+-]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:[eE][+-]?[0-9]+)?"
+INTEGER_PATTERN = r"[+-]?[0-9]+"
 
 
 def list_pattern(item: str) -> str:
     """A JSON-schema pattern for text that `parse_list` reads: `item`s separated by commas,
-    semicolons or white space (new lines included)."""
-    return rf"^[\s,;]*{item}(?:[\s,;]+{item})*[\s,;]*$"
+    semicolons or white space (new lines included); blank text is an empty field."""
+    return rf"^[\s,;]*(?:{item}(?:[\s,;]+{item})*[\s,;]*)?$"
 
 
 def parse_list(name: str, text: str, kind: type) -> list:
@@ -123,6 +124,8 @@ def parse_list(name: str, text: str, kind: type) -> list:
     out = []
     for item in items:
         try:
+            if not re.fullmatch(INTEGER_PATTERN if kind is int else NUMBER_PATTERN, item):
+                raise ValueError(item)  # what float() also takes: nan, inf, 1_000
             value = int(item) if kind is int else float(item)
         except ValueError:
             what, example = ("integer", "4, 8, 16") if kind is int else ("number", "5e-4, 2e-3")

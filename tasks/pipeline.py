@@ -27,7 +27,8 @@ def config_from_params(params: dict[str, Any]) -> ExperimentConfig:
     Empty strings and empty lists (blank form fields) keep the preset's value."""
     params = dict(params)
     preset = params.pop("preset", None) or DEFAULT_PRESET
-    overrides = {k: v for k, v in params.items() if v not in (None, "", [])}
+    overrides = {k: v for k, v in params.items()
+                 if v not in (None, [], "") and not (isinstance(v, str) and not v.strip(" ,;\n\t"))}
     log.info("preset %s with overrides %s", preset,
              ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none")
     return preset_config(preset, **overrides)

@@ -214,9 +214,13 @@ def eval_curves(series: list[dict[str, Any]]) -> str | None:
         return to_svg(fig, "eval")
 
 
-# Where a point's label may go, in points from the point: right, left, above, below.
+# Where a point's label may go, in points from the point: beside it (right, left), above,
+# below, then further up or down, where a thin leader line ties it to its point.
 _LABEL_SPOTS = ((6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"),
-                (-6, -4, "right", "top"), (0, 8, "center", "bottom"), (0, -8, "center", "top"))
+                (-6, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"),
+                *((dx, dy, ha, "bottom" if dy > 0 else "top")
+                  for lift in (18, 30) for dy in (lift, -lift)
+                  for dx, ha in ((0, "center"), (6, "left"), (-6, "right"))))
 
 
 def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]],
@@ -225,6 +229,7 @@ def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]],
     inside the axes: the first free spot of _LABEL_SPOTS, else the least crowded one.
     Returns the boxes (display pixels) of the markers, then of the labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
 
     canvas = FigureCanvasAgg(fig)
     canvas.draw()  # settles the constrained layout, so display positions are final
@@ -234,32 +239,47 @@ def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]],
     markers = [ax.transData.transform((x, y)) for x, y, _ in points]
     taken = [(mx - pad, my - pad, mx + pad, my + pad) for mx, my in markers]
 
+    def area(a, b) -> float:
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
     def clash(box) -> float:
+        """How much `box` leaves the axes (weighted heavily) or covers markers and labels."""
         x0, y0, x1, y1 = box
         out = max(0.0, frame.x0 - x0) + max(0.0, x1 - frame.x1) + max(0.0, frame.y0 - y0) \
             + max(0.0, y1 - frame.y1)
-        overlap = sum(max(0.0, min(x1, b[2]) - max(x0, b[0])) * max(0.0, min(y1, b[3]) - max(y0, b[1]))
-                      for b in taken)
-        return out * 1000 + overlap
+        return out * 1000 + sum(area(box, b) for b in taken)
 
-    for x, y, text in points:
+    leaders: list[tuple[float, float, float, float]] = []  # thin boxes around leader lines
+
+    for (x, y, text), (mx, my) in zip(points, markers):
         best = None
         for dx, dy, ha, va in _LABEL_SPOTS:
+            leader = {"arrowprops": {"arrowstyle": "-", "color": "#999999", "linewidth": 0.6,
+                                     "shrinkA": 0, "shrinkB": 4}} if abs(dy) > 9 else {}
             label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
-                                ha=ha, va=va, fontsize=7, color="#444444")
+                                ha=ha, va=va, fontsize=7, color="#444444", **leader)
             label.set_in_layout(False)  # placed after layout: must not move the axes
-            e = label.get_window_extent(renderer)
+            label.update_positions(renderer)
+            e = Text.get_window_extent(label, renderer)  # the text's box, not its leader
             box = (e.x0, e.y0, e.x1, e.y1)
-            cost = clash(box)
+            line = None
+            if leader:  # from the marker's edge to the label's near edge
+                lx = mx + dx * fig.dpi / 72
+                line = (min(mx, lx) - 1, my + pad if dy > 0 else e.y1,
+                        max(mx, lx) + 1, e.y0 if dy > 0 else my - pad)
+            cost = clash(box) + sum(area(box, b) for b in leaders) + (
+                clash(line) + sum(area(line, b) for b in taken[len(markers):]) if line else 0)
             if best is None or cost < best[0]:
                 if best:
                     best[1].remove()
-                best = (cost, label, box)
+                best = (cost, label, box, line)
             else:
                 label.remove()
             if cost == 0:
                 break
         taken.append(best[2])
+        if best[3]:
+            leaders.append(best[3])
     return taken
 
 

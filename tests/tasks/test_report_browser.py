@@ -183,3 +183,32 @@ def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
     for variant in config.variants():
         assert variant.name in text
     assert "LoRA r=4" in text and "full fine-tuning" in text
+
+
+@pytest.mark.parametrize("width", [760, 1032, 1400])
+def test_report_reflows_without_overlap_or_sideways_scroll(tmp_path, width):
+    """At the narrowest supported width, in the Report tab's frame (1032 px in a 1400 px
+    window) and full screen: the element boxes, not only a picture. A long Airflow run id
+    and the Data and Provenance columns were where blocks ran into each other."""
+    sync_playwright = _browser_or_skip()
+    run_id = "scheduled__2026-11-29T00:00:00.123456+00:00_with_a_long_suffix_x"
+    report = build_report(make_run(tmp_path, run_id=run_id).run_dir, tmp_path / "reports")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            seen = _open(page, report.as_uri())
+            problems = page.evaluate(LAYOUT_PROBLEMS)
+            # the comparison table keeps its columns; where the card is narrower than the
+            # table, the table scrolls inside its card (not the page)
+            table = page.evaluate("""() => { const s = document.querySelector('#comparison .scroll');
+                return [s.scrollWidth, s.clientWidth, getComputedStyle(s).overflowX]; }""")
+            columns = page.locator("table.comparison thead th").count()
+            page.screenshot(path=str(tmp_path / f"report_{width}.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert seen["errors"] == []
+    assert table[2] == "auto" and columns >= 11
+    if width == 760:
+        assert table[0] > table[1]  # wider than its card at 760 px: it scrolls there
