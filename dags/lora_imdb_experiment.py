@@ -78,44 +78,42 @@ EMPTY = " Empty: the preset's value."
 PRESET_VALUE = "(preset's value)"  # what an empty dropdown reads
 # What each preset is for (design.md). No run times here: the only ones measured through
 # Airflow on the 2-core machine would not cover every preset.
-PURPOSE = {"seed": "the seed notebook's protocol, for a GPU",
-           "paper": "comparison with published numbers, for GPUs",
-           "cpu": "laptops and the CPU benchmark",
+PURPOSE = {"seed": "the seed notebook's protocol, on a GPU",
+           "paper": "the published setting, on GPUs",
+           "cpu": "a real model on a laptop's CPU",
            "smoke": "a plumbing check on random weights"}
 
 
 def _sweep(c: Any) -> str:
-    """ranks × target sets × learning rates × seeds, as the preset resolves them."""
+    """ranks × target sets × learning rates (LoRA / full) × seeds, as the preset has them."""
     def values(xs: tuple) -> str:
         return ", ".join(registry.format_lr(x) if isinstance(x, float) else str(x) for x in xs)
 
-    trained = [registry.method(m) for m in c.methods if registry.method(m).trained]
-    lrs = {field: [m.label for m in trained if m.lr_field == field]
-           for field in dict.fromkeys(m.lr_field for m in trained)}
-    parts = [f"ranks {values(c.ranks)}", f"targets {values(c.targets)}"] * ("lora" in c.methods)
-    if lrs:
-        parts.append("lr " + " / ".join(f"{values(getattr(c, field))} ({', '.join(labels)})"
-                                        for field, labels in lrs.items()))
-    return " × ".join(parts + [f"seeds {values(c.seeds)}"])
+    return (f"{values(c.ranks)} × {values(c.targets)} × {values(c.lora_lr)} / "
+            f"{values(c.full_lr)} × {values(c.seeds)}")
 
 
 def _preset_table() -> str:
-    """The presets' values as a Markdown table for the form (rendered there)."""
-    lines = ["| preset | model | train / val / test | tokens | epochs | methods | "
-             "sweep | variant tasks |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in PRESETS:
-        c = preset_config(name, data="hub")
+    """The presets' values as a Markdown table for the form (rendered there), and the
+    methods they run below it."""
+    lines = ["| preset | model | train / val / test | tokens | epochs | sweep: ranks × "
+             "targets × learning rates (LoRA / full) × seeds | variant tasks |",
+             "|---|---|---|---|---|---|---|"]
+    configs = {name: preset_config(name, data="hub") for name in PRESETS}
+    for name, c in configs.items():
         lines.append(f"| `{name}` | {c.model} | {c.train_size:,} / {c.val_size:,} / "
-                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | "
-                     f"{', '.join(c.methods)} | {_sweep(c)} | {len(c.variants())} |")
+                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | {_sweep(c)} | "
+                     f"{len(c.variants())} |")
+    common = [m for m in registry.METHODS if all(m in c.methods for c in configs.values())]
+    extra = {name: [m for m in c.methods if m not in common] for name, c in configs.items()}
+    lines.append("\nMethods: " + ", ".join(common) + " in every preset" + "".join(
+        f"; {', '.join(ms)} in `{name}`" for name, ms in extra.items() if ms) + ".")
     return "\n".join(lines)
 
 
 def _preset_label(name: str) -> str:
-    c = preset_config(name, data="hub")
-    return (f"{name}: {PURPOSE[name]}; {c.model} on {c.train_size:,} training reviews, "
-            f"{len(c.variants())} variant tasks")
+    """The preset dropdown's entry: what the preset is for and what it will run."""
+    return f"{name}: {PURPOSE[name]}, {len(preset_config(name, data='hub').variants())} variant tasks"
 
 
 def _schedule_text() -> str:
