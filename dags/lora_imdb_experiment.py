@@ -67,6 +67,7 @@ from tasks.config import (
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
+    TRUNCATIONS,
     list_pattern,
     preset_config,
 )
@@ -184,6 +185,14 @@ PARAMS: dict[str, Param] = {
         None, type=["null", "integer"], minimum=8, maximum=MAX_TOKENS,
         title="Max tokens", section="Data subset",
         description=f"Tokens per review after truncation (8 to {MAX_TOKENS})." + EMPTY,
+    ),
+    "truncation": Param(
+        None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
+        section="Data subset",
+        values_display={"null": PRESET_VALUE, **{t: t for t in TRUNCATIONS}},
+        description="What an encoder reads of a review longer than Max tokens: head (its "
+                    "first tokens) or head_tail (its first quarter and last three quarters "
+                    "of the budget; Sun et al. 2019)." + EMPTY,
     ),
     "epochs": Param(
         None, type=["null", "integer"], minimum=1, maximum=50, title="Epochs",
@@ -311,6 +320,7 @@ def lora_imdb_experiment():
     def prepare() -> dict[str, Any]:
         """Resolve preset + overrides (fails fast on bad combinations), lay out the run
         folder, log the settings; returns the run folder and the variant lists."""
+        from tasks import tracking
         from tasks.failures import recorded
         from tasks.pipeline import config_from_params, prepare_run
 
@@ -318,7 +328,9 @@ def lora_imdb_experiment():
         with recorded(context["run_id"], "prepare", context["ti"].try_number):
             # logs the resolved settings and the variants through the task logger
             config = config_from_params(dict(context["params"]))
-            run_dir = str(prepare_run(config, context["run_id"]).run_dir)
+            paths = prepare_run(config, context["run_id"])
+        tracking.start_run(paths, DAG_ID)  # MLflow parent run, when tracking is on
+        run_dir = str(paths.run_dir)
         return {
             "run_dir": run_dir,
             "cpu": [v.to_dict() for v in config.method_variants(encoder=False)],
@@ -363,12 +375,15 @@ def lora_imdb_experiment():
     # all_done: the report also shows failed variants (and says so when none succeeded).
     @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30))
     def report(run_dir: str | None) -> str:
-        from tasks.paths import report_url
+        from tasks import tracking
+        from tasks.paths import RunPaths, report_url
         from tasks.report import build_report
 
         if run_dir is None:  # prepare failed: there is no run folder to report on
             raise AirflowSkipException("no run folder: prepare failed (see its log)")
-        page = str(build_report(run_dir))
+        page = build_report(run_dir)
+        tracking.log_report(RunPaths.from_run_dir(run_dir), page)  # when tracking is on
+        page = str(page)
         print(f"report: {report_url(get_current_context()['run_id'])}")  # the log's last line
         return page
 
