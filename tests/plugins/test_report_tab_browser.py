@@ -124,7 +124,9 @@ def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_p
             # The run's page (where the form left us), Report tab: the report, logged in by
             # the session cookie the login page set.
             page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quote(run['dag_run_id'], safe='')}")
-            page.get_by_role("link", name="Report", exact=True).click()  # the plugin's tab
+            _screenshot(page, tmp_path, "run_page.png")
+            # the plugin's tab (the UI lists it once /api/v2/plugins answered: slow under load)
+            page.get_by_role("link", name="Report", exact=True).click(timeout=180_000)
             report = page.frame_locator("iframe[title='Report']")
             headline = report.locator("#headline")
             headline.wait_for()
@@ -220,7 +222,7 @@ def test_a_run_that_stops_in_prepare_says_so_in_check_variants_and_the_report_ta
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(f"**/dags/{DAG_ID}")
             page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}")
-            page.get_by_role("link", name="Report", exact=True).click()
+            page.get_by_role("link", name="Report", exact=True).click(timeout=180_000)
             tab = page.frame_locator("iframe[title='Report']").locator("body")
             tab.get_by_text("stopped in").wait_for()
             text = tab.inner_text()
