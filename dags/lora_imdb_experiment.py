@@ -62,34 +62,60 @@ from airflow.sdk.exceptions import AirflowSkipException
 from tasks import registry
 from tasks.config import (
     DEFAULT_PRESET,
+    INTEGER_PATTERN,
     MAX_TOKENS,
+    NUMBER_PATTERN,
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
     TRUNCATIONS,
+    list_pattern,
     preset_config,
 )
 from tasks.registry import TARGETS_PATTERN
 
 DAG_ID = "lora_imdb_experiment"
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
-EMPTY = " Leave empty to keep the preset's value."
-# Wall time of `make run` (airflow dags test) measured on a 2-core AMD EPYC without a GPU or
-# native bf16 (2026-11-29): smoke 58 s, cpu 25 min 49 s. seed and paper were not run there.
-TIME_ON_CPU = {"smoke": "1 min", "cpu": "26 min", "seed": "hours: use a GPU",
-               "paper": "days: use a GPU"}
+EMPTY = " Empty: the preset's value."
+PRESET_VALUE = "(preset's value)"  # what an empty dropdown reads
+# What each preset is for (design.md). No run times here: the only ones measured through
+# Airflow on the 2-core machine would not cover every preset.
+PURPOSE = {"seed": "the seed notebook's protocol, on a GPU",
+           "paper": "the published setting, on GPUs",
+           "cpu": "a real model on a laptop's CPU",
+           "smoke": "a plumbing check on random weights"}
+
+
+def _sweep(c: Any) -> str:
+    """ranks × target sets × learning rates (LoRA / full) × seeds, as the preset has them."""
+    def values(xs: tuple) -> str:
+        return ", ".join(registry.format_lr(x) if isinstance(x, float) else str(x) for x in xs)
+
+    return (f"{values(c.ranks)} × {values(c.targets)} × {values(c.lora_lr)} / "
+            f"{values(c.full_lr)} × {values(c.seeds)}")
 
 
 def _preset_table() -> str:
-    """The presets' values as a Markdown table for the form (rendered there)."""
-    lines = ["| preset | model | train / val / test | tokens | epochs | methods | "
-             "2-core CPU |", "|---|---|---|---|---|---|---|"]
-    for name in PRESETS:
-        c = preset_config(name, data="hub")
+    """The presets' values as a Markdown table for the form (rendered there), and the
+    methods they run below it."""
+    lines = ["| preset | model | train / val / test | tokens | epochs | sweep: ranks × "
+             "targets × learning rates (LoRA / full) × seeds | variant tasks |",
+             "|---|---|---|---|---|---|---|"]
+    configs = {name: preset_config(name, data="hub") for name in PRESETS}
+    for name, c in configs.items():
         lines.append(f"| `{name}` | {c.model} | {c.train_size:,} / {c.val_size:,} / "
-                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | "
-                     f"{', '.join(c.methods)} | {TIME_ON_CPU[name]} |")
+                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | {_sweep(c)} | "
+                     f"{len(c.variants())} |")
+    common = [m for m in registry.METHODS if all(m in c.methods for c in configs.values())]
+    extra = {name: [m for m in c.methods if m not in common] for name, c in configs.items()}
+    lines.append("\nMethods: " + ", ".join(common) + " in every preset" + "".join(
+        f"; {', '.join(ms)} in `{name}`" for name, ms in extra.items() if ms) + ".")
     return "\n".join(lines)
+
+
+def _preset_label(name: str) -> str:
+    """The preset dropdown's entry: what the preset is for and what it will run."""
+    return f"{name}: {PURPOSE[name]}, {len(preset_config(name, data='hub').variants())} variant tasks"
 
 
 def _schedule_text() -> str:
@@ -104,6 +130,15 @@ def _list(kind: str, **items: Any) -> dict[str, Any]:
     return {"type": ["null", "array"], "uniqueItems": True, "items": {"type": kind, **items}}
 
 
+def _typed_list(kind: str, **items: Any) -> dict[str, Any]:
+    """A sweep list the form lets one type: text such as `5e-4, 2e-3` or one value per line
+    (Airflow's JSON editor rewrites a list while it is being typed), or a JSON list from the
+    REST API. `prepare` parses the text (tasks.config.parse_list) and checks the values."""
+    item = INTEGER_PATTERN if kind == "integer" else NUMBER_PATTERN
+    return {"type": ["null", "array", "string"], "uniqueItems": True,
+            "items": {"type": kind, **items}, "pattern": list_pattern(item)}
+
+
 PARAMS: dict[str, Param] = {
     # No section: Airflow opens only the unsectioned "Run Parameters" group by default, so
     # what a run will do is visible without a click.
@@ -111,8 +146,7 @@ PARAMS: dict[str, Param] = {
         DEFAULT_PRESET, type="string", enum=list(PRESETS), title="Preset",
         description_md="Named starting point; the fields below override single values. "
                        + _schedule_text() + "\n\n" + _preset_table(),
-        values_display={name: f"{name}: {PRESETS[name]['model']}, {TIME_ON_CPU[name]} on a CPU"
-                        for name in PRESETS},
+        values_display={name: _preset_label(name) for name in PRESETS},
     ),
     "methods": Param(
         None, **_list("string", enum=list(registry.METHODS)), title="Methods",
@@ -156,6 +190,7 @@ PARAMS: dict[str, Param] = {
     "truncation": Param(
         None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
         section="Data subset",
+        values_display={"null": PRESET_VALUE, **{t: t for t in TRUNCATIONS}},
         description="What an encoder reads of a review longer than Max tokens: head (its "
                     "first tokens) or head_tail (its first quarter and last three quarters "
                     "of the budget; Sun et al. 2019)." + EMPTY,
@@ -171,24 +206,30 @@ PARAMS: dict[str, Param] = {
     "precision": Param(
         None, type=["null", "string"], enum=[None, *PRECISIONS], title="Precision",
         section="Training",
+        values_display={"null": PRESET_VALUE, "auto": "auto: bf16 where the device has it "
+                        "natively, else fp32", "fp32": "fp32", "bf16": "bf16",
+                        "fp16": "fp16 (CUDA GPUs only)"},
         description="auto: bf16 autocast where the device has native bf16 (recent GPUs, "
                     "CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs a CUDA GPU." + EMPTY,
     ),
     "lora_lr": Param(
-        None, **_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        None, **_typed_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
         title="LoRA learning rates", section="Sweep",
-        description="JSON list, e.g. [0.001, 0.002]: LoRA (and BitFit) are tuned over these, "
-                    "choosing on validation. Give full fine-tuning as many." + EMPTY,
+        description="Comma-separated or one per line, e.g. 1e-3, 2e-3: LoRA (and BitFit) are "
+                    "tuned over these, choosing on validation. Give full fine-tuning as "
+                    "many." + EMPTY,
     ),
     "full_lr": Param(
-        None, **_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        None, **_typed_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
         title="Full fine-tuning learning rates", section="Sweep",
-        description="JSON list, e.g. [0.00003, 0.00005]; as many as the LoRA list." + EMPTY,
+        description="Comma-separated or one per line, e.g. 5e-5, 1e-4; as many as the LoRA "
+                    "learning rates." + EMPTY,
     ),
     "ranks": Param(
-        None, **_list("integer", minimum=1, maximum=1024), title="LoRA ranks", section="Sweep",
-        description="JSON list of ranks r, e.g. [4, 8, 16]. One LoRA task per rank × target "
-                    "set × learning rate × seed." + EMPTY,
+        None, **_typed_list("integer", minimum=1, maximum=1024), title="LoRA ranks",
+        section="Sweep",
+        description="Comma-separated or one per line, e.g. 4, 8, 16. One LoRA task per rank "
+                    "× target set × learning rate × seed." + EMPTY,
     ),
     "targets": Param(
         None, **_list("string", pattern=TARGETS_PATTERN), title="LoRA target sets",
@@ -197,8 +238,9 @@ PARAMS: dict[str, Param] = {
                     + " or comma-separated module names such as q_lin,v_lin." + EMPTY,
     ),
     "seeds": Param(
-        None, **_list("integer", minimum=0, maximum=2**31 - 1), title="Seeds", section="Sweep",
-        description="JSON list of training seeds, e.g. [1, 2, 3]; each seed repeats every "
+        None, **_typed_list("integer", minimum=0, maximum=2**31 - 1), title="Seeds",
+        section="Sweep",
+        description="Comma-separated or one per line, e.g. 1, 2, 3: each seed repeats every "
                     "trained configuration, and results are averaged over them." + EMPTY,
     ),
 }
@@ -237,13 +279,27 @@ VARIANT_NAME = "{{ task.op_kwargs['variant']['name'] }}"
 
 
 def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
-    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one."""
+    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one. The
+    record notes Airflow's try number, so a cleared and re-run variant shows as such."""
     from tasks.pipeline import load_run
     from tasks.registry import Variant
     from tasks.variants import run_variant
 
     config, paths = load_run(run_dir)
-    return str(run_variant(Variant.from_dict(variant), config, paths))
+    attempt = get_current_context()["ti"].try_number
+    return str(run_variant(Variant.from_dict(variant), config, paths, attempt=attempt))
+
+
+def _data_step(step: str, fn: Any, run_dir: str) -> str:
+    """Body of the data steps: run `fn` on the run; if it fails, record which step and
+    why, for check_variants and the Report tab (tasks.failures)."""
+    from tasks.failures import recorded
+    from tasks.pipeline import load_run
+
+    context = get_current_context()
+    with recorded(context["run_id"], step, context["ti"].try_number):
+        fn(*load_run(run_dir))
+    return run_dir
 
 
 @dag(
@@ -266,14 +322,16 @@ def lora_imdb_experiment():
         """Resolve preset + overrides (fails fast on bad combinations), lay out the run
         folder, log the settings; returns the run folder and the variant lists."""
         from tasks import tracking
-        from tasks.pipeline import config_from_params, describe, prepare_run
+        from tasks.failures import recorded
+        from tasks.pipeline import config_from_params, prepare_run
 
         context = get_current_context()
-        config = config_from_params(dict(context["params"]))
-        paths = prepare_run(config, context["run_id"])
+        with recorded(context["run_id"], "prepare", context["ti"].try_number):
+            # logs the resolved settings and the variants through the task logger
+            config = config_from_params(dict(context["params"]))
+            paths = prepare_run(config, context["run_id"])
         tracking.start_run(paths, DAG_ID)  # MLflow parent run, when tracking is on
         run_dir = str(paths.run_dir)
-        print(describe(config))  # the resolved settings and variants, in the task's log
         return {
             "run_dir": run_dir,
             "cpu": [v.to_dict() for v in config.method_variants(encoder=False)],
@@ -292,26 +350,20 @@ def lora_imdb_experiment():
     @task(**RETRY, execution_timeout=timedelta(hours=2))
     def download_dataset(run_dir: str) -> str:
         from tasks.data import download_dataset
-        from tasks.pipeline import load_run
 
-        download_dataset(*load_run(run_dir))
-        return run_dir
+        return _data_step("download_dataset", download_dataset, run_dir)
 
     @task(execution_timeout=timedelta(minutes=30))  # bad data stays bad: no retries
     def validate_dataset(run_dir: str) -> str:
-        from tasks.pipeline import load_run
         from tasks.validate import validate_dataset
 
-        validate_dataset(*load_run(run_dir))
-        return run_dir
+        return _data_step("validate_dataset", validate_dataset, run_dir)
 
     @task(**RETRY, execution_timeout=timedelta(hours=1))
     def tokenize(run_dir: str) -> str:
-        from tasks.pipeline import load_run
         from tasks.tokenize import tokenize_dataset
 
-        tokenize_dataset(*load_run(run_dir))
-        return run_dir
+        return _data_step("tokenize", tokenize_dataset, run_dir)
 
     @task(**RETRY, execution_timeout=timedelta(hours=2), map_index_template=VARIANT_NAME)
     def cpu_variants(run_dir: str, variant: dict[str, Any]) -> str:
@@ -339,9 +391,10 @@ def lora_imdb_experiment():
     # The report is the only other leaf and succeeds even when variants failed; this leaf
     # keeps the run's state honest (failed if any variant failed, skipped otherwise).
     @task(trigger_rule=TriggerRule.ONE_FAILED, execution_timeout=timedelta(minutes=1))
-    def check_variants() -> None:
-        raise RuntimeError("at least one variant failed; its error is in the report and "
-                           "in results/<variant>/metrics.json")
+    def check_variants(run_dir: str | None) -> None:
+        from tasks.failures import what_failed
+
+        raise RuntimeError(what_failed(get_current_context()["run_id"], run_dir))
 
     plan = prepare()
     ready = tokenize(validate_dataset(download_dataset(plan["run_dir"])))
@@ -350,7 +403,7 @@ def lora_imdb_experiment():
         gpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "gpu")),
     ]
     variants >> report(plan["run_dir"])
-    variants >> check_variants()
+    variants >> check_variants(plan["run_dir"])
 
 
 lora_imdb_experiment()

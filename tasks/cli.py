@@ -27,6 +27,7 @@ from tasks.config import (
     PRESETS,
     TRUNCATIONS,
     ExperimentConfig,
+    parse_list,
     preset_config,
 )
 from tasks.paths import InUse, exclusive
@@ -39,10 +40,9 @@ TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
 def _numbers(kind: type):
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
-                                             f"got {text!r}") from None
+            return parse_list("", text, kind)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     parse.__name__ = f"comma-separated {kind.__name__}s"
     return parse
 

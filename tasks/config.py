@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +103,44 @@ _BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, min, max), in
 }
 
 
+# A sweep list typed as text (the trigger form, the CLI): numbers separated by commas,
+# spaces or new lines, e.g. "5e-4, 2e-3". The form's schema checks the same shape.
+LIST_SEPARATORS = re.compile(r"[\s,;]+")
+# signs allowed, so that "-1" is refused by the bounds check, which says what the bounds are
+NUMBER_PATTERN = r"[+-]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:[eE][+-]?[0-9]+)?"
+INTEGER_PATTERN = r"[+-]?[0-9]+"
+
+
+def list_pattern(item: str) -> str:
+    """A JSON-schema pattern for text that `parse_list` reads: `item`s separated by commas,
+    semicolons or white space (new lines included); blank text is an empty field."""
+    return rf"^[\s,;]*(?:{item}(?:[\s,;]+{item})*[\s,;]*)?$"
+
+
+def parse_list(name: str, text: str, kind: type) -> list:
+    """`text` as a list of `kind` (int or float): "5e-4, 2e-3" or one value per line.
+    Raises a ValueError naming the field and the piece that is not a `kind`."""
+    items = [t for t in LIST_SEPARATORS.split(text.strip()) if t]
+    if not items:
+        raise ValueError(f"{name or 'the list'} must hold at least one value, got {text!r}")
+    out = []
+    for item in items:
+        try:
+            if not re.fullmatch(INTEGER_PATTERN if kind is int else NUMBER_PATTERN, item):
+                raise ValueError(item)  # what float() also takes: nan, inf, 1_000
+            value = int(item) if kind is int else float(item)
+        except ValueError:
+            what, example = ("integer", "4, 8, 16") if kind is int else ("number", "5e-4, 2e-3")
+            raise ValueError(f"{name + ': ' if name else ''}{item!r} is not a"
+                             f"{'n' if kind is int else ''} {what} (give {what}s separated by "
+                             f"commas or new lines, e.g. {example})") from None
+        out.append(value)
+    return out
+
+
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
+    if isinstance(value, str) and kind in (int, float):
+        value = parse_list(name, value, kind)
     items = [value] if isinstance(value, (str, int, float)) else value
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{name} must be a list, got {value!r}")

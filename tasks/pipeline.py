@@ -27,7 +27,10 @@ def config_from_params(params: dict[str, Any]) -> ExperimentConfig:
     Empty strings and empty lists (blank form fields) keep the preset's value."""
     params = dict(params)
     preset = params.pop("preset", None) or DEFAULT_PRESET
-    overrides = {k: v for k, v in params.items() if v not in (None, "", [])}
+    overrides = {k: v for k, v in params.items()
+                 if v not in (None, [], "") and not (isinstance(v, str) and not v.strip(" ,;\n\t"))}
+    log.info("preset %s with overrides %s", preset,
+             ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none")
     return preset_config(preset, **overrides)
 
 
@@ -51,6 +54,10 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
     from tasks import preflight
 
     paths = RunPaths.for_run(run_id, artifacts, reports)
+    for line in describe(config).splitlines():  # one record per line: in order, never folded
+        log.info("%s", line)
+    log.info("checking the model, LoRA targets and ranks, and the data source %s before any "
+             "work", config.data)
     preflight.check(config)  # before anything is written: a bad run leaves nothing behind
     if paths.config_json.exists():
         stored = ExperimentConfig.from_dict(read_json(paths.config_json))
@@ -58,6 +65,7 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
             raise ValueError(f"run {run_id!r} already exists with a different config "
                              f"({paths.config_json}); use a new run id")
         return paths
+    log.info("checks passed; run folder %s", paths.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(paths.run_dir / "environment.json", environment())
     write_json(paths.config_json, config.to_dict())  # last: its presence marks a prepared run

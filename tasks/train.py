@@ -308,15 +308,21 @@ def train_variant(job: Job, module: ModuleType, on_log: ProgressHook | None = No
     record.resumed_from_epoch = result.resumed_from_epoch
     record.parameter_breakdown = parameter_breakdown(model)
 
+    # the stages after the last epoch take a while on a CPU: say what is going on
+    log.info("%s: training done; saving the %s", variant.name, method.artifact)
     with atomic_dir(job.out / method.artifact) as tmp:
         module.save(model, job, tmp)
     record.artifact_bytes = folder_bytes(job.out / method.artifact)
     # latency leaves a mergeable model merged: the test subset is scored on the model a
     # user would deploy, once, with larger batches
+    log.info("%s: measuring inference latency (batch of one, %s)", variant.name,
+             "base, unmerged and merged model" if method.mergeable else "final model")
     latency = latency_fields(model, frames["test"], device, dtype,
                              adapter=module if method.mergeable else None)
     for key, value in latency.items():
         setattr(record, key, value)
+    log.info("%s: scoring the %d test reviews once, with the final model", variant.name,
+             len(frames["test"]))
     start = time.perf_counter()
     test_prob = softmax_positive(predict_logits(
         model, frames["test"], config.batch_size * EVAL_BATCH_FACTOR, device, dtype))

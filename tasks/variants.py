@@ -63,20 +63,22 @@ def labels(paths: RunPaths, split: str) -> np.ndarray:
 
 
 def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
-                device: str | None = None) -> Path:
-    """Run `variant` on the run's data and write its results; returns its metrics.json."""
+                device: str | None = None, attempt: int = 1) -> Path:
+    """Run `variant` on the run's data and write its results; returns its metrics.json.
+    `attempt`: Airflow's try number (1 outside Airflow), kept in the record."""
     method = registry.method(variant.method)
     # one process per variant: a second one (a task Airflow thought lost, a CLI run beside
     # a DAG run) would overwrite this one's checkpoints and results
     with exclusive(paths.run_dir / ".locks" / f"{variant.name}.lock", f"variant {variant.name}"):
-        return _run(variant, method, config, paths, device)
+        return _run(variant, method, config, paths, device, attempt)
 
 
 def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
-         paths: RunPaths, device: str | None) -> Path:
+         paths: RunPaths, device: str | None, attempt: int) -> Path:
     from tasks import tracking
 
     record = MetricsRecord.start(variant, config.model, config.preset)
+    record.attempt = attempt
     record.input_budget = input_budget(
         method.reads, read_json(paths.tokens_json) if paths.tokens_json.exists() else None)
     tracked = tracking.variant_run(variant, paths)  # inactive unless MLflow tracking is on
@@ -91,6 +93,7 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
                 predictions = train_variant(job, module, on_log=tracked.log_progress)
             else:
                 predictions = module.predict(job)
+        log.info("%s: scoring validation and test predictions", variant.name)
         path = record.finish(paths, (labels(paths, "validation"), predictions.validation),
                              (labels(paths, "test"), predictions.test))
         log.info("%s: validation accuracy %.4f, test accuracy %.4f", variant.name,

@@ -20,7 +20,7 @@ import numpy as np
 
 from tasks import registry
 from tasks.config import RANDOM_MODELS
-from tasks.metrics import MetricsRecord, bootstrap_accuracy_ci
+from tasks.metrics import STATUSES, MetricsRecord, bootstrap_accuracy_ci
 from tasks.registry import Variant, format_lr
 from tasks.report.format import fmt_acc, fmt_p, fmt_pct, fmt_points
 from tasks.report.load import StoredRun
@@ -103,6 +103,9 @@ def aggregate(records: list[MetricsRecord]) -> dict[str, Any]:
         "targets": variant.targets if variant else None,
         "lr": format_lr(variant.lr) if variant and variant.lr else None,
         "precision": ok[0].precision if ok else None,
+        # the Airflow try that wrote each record (a placeholder for a missing one has none)
+        "attempts": [r.attempt for r in records if r.status in STATUSES],
+        "finished_at": max((r.finished_at for r in records if r.finished_at), default=None),
         "reason": next((r.reason for r in records if r.reason), None),
         "error": next((r.error for r in records if r.error), None),
     }
