@@ -65,6 +65,7 @@ from tasks.config import (
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
+    TRUNCATIONS,
     preset_config,
 )
 from tasks.registry import TARGETS_PATTERN
@@ -150,6 +151,13 @@ PARAMS: dict[str, Param] = {
         None, type=["null", "integer"], minimum=8, maximum=MAX_TOKENS,
         title="Max tokens", section="Data subset",
         description=f"Tokens per review after truncation (8 to {MAX_TOKENS})." + EMPTY,
+    ),
+    "truncation": Param(
+        None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
+        section="Data subset",
+        description="What an encoder reads of a review longer than Max tokens: head (its "
+                    "first tokens) or head_tail (its first quarter and last three quarters "
+                    "of the budget; Sun et al. 2019)." + EMPTY,
     ),
     "epochs": Param(
         None, type=["null", "integer"], minimum=1, maximum=50, title="Epochs",
