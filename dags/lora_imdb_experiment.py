@@ -264,11 +264,14 @@ def lora_imdb_experiment():
     def prepare() -> dict[str, Any]:
         """Resolve preset + overrides (fails fast on bad combinations), lay out the run
         folder, log the settings; returns the run folder and the variant lists."""
+        from tasks import tracking
         from tasks.pipeline import config_from_params, describe, prepare_run
 
         context = get_current_context()
         config = config_from_params(dict(context["params"]))
-        run_dir = str(prepare_run(config, context["run_id"]).run_dir)
+        paths = prepare_run(config, context["run_id"])
+        tracking.start_run(paths, DAG_ID)  # MLflow parent run, when tracking is on
+        run_dir = str(paths.run_dir)
         print(describe(config))  # the resolved settings and variants, in the task's log
         return {
             "run_dir": run_dir,
@@ -320,12 +323,15 @@ def lora_imdb_experiment():
     # all_done: the report also shows failed variants (and says so when none succeeded).
     @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30))
     def report(run_dir: str | None) -> str:
-        from tasks.paths import report_url
+        from tasks import tracking
+        from tasks.paths import RunPaths, report_url
         from tasks.report import build_report
 
         if run_dir is None:  # prepare failed: there is no run folder to report on
             raise AirflowSkipException("no run folder: prepare failed (see its log)")
-        page = str(build_report(run_dir))
+        page = build_report(run_dir)
+        tracking.log_report(RunPaths.from_run_dir(run_dir), page)  # when tracking is on
+        page = str(page)
         print(f"report: {report_url(get_current_context()['run_id'])}")  # the log's last line
         return page
 

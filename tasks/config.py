@@ -180,8 +180,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   test_size=25000, max_length=512, epochs=3),
     # Learning rates chosen on validation by the sweep in bench/experiments/cpu_lr_sweep.md
     # (two per method: LoRA 5e-4/2e-3, full fine-tuning 5e-5/1e-4).
+    # Truncation head_tail chosen on validation: bench/experiments/truncation.md.
     "cpu": dict(model="embedded-minilm", train_size=2000, val_size=500, test_size=1000,
-                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(1e-4,)),
+                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(1e-4,),
+                truncation="head_tail"),
     "smoke": dict(model="tiny-distilbert", train_size=256, val_size=64, test_size=128,
                   max_length=64, epochs=1, lora_lr=(2e-3,), full_lr=(5e-4,), ranks=(4,),
                   warmup_steps=2),

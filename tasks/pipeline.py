@@ -74,15 +74,18 @@ def load_run(run_dir: Path | str, reports: Path | str | None = None) -> tuple[Ex
 def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
     """Every step in DAG order, in this process. A failing variant is recorded and the
     others go on (as in the DAG); a failing data step stops the run. Returns the report."""
-    from tasks import data, report, tokenize, validate
+    from tasks import data, report, tokenize, tracking, validate
     from tasks.variants import run_variant
 
+    tracking.start_run(paths)  # a parent run in MLflow when tracking is on
     data.download_dataset(config, paths)
     validate.validate_dataset(config, paths)
     tokenize.tokenize_dataset(config, paths)
     for variant in config.variants():
         _keep_going(variant.name, run_variant, variant, config, paths)
-    return report.build_report(paths.run_dir, paths.reports)
+    page = report.build_report(paths.run_dir, paths.reports)
+    tracking.log_report(paths, page)
+    return page
 
 
 def _keep_going(what: str, fn, *args) -> None:

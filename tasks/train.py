@@ -25,6 +25,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# (loss_history, eval_history) -> None: a view of the loop's progress (tasks.tracking)
+ProgressHook = Callable[[list[dict[str, Any]], list[dict[str, Any]]], None]
 GROUP_CHUNK_BATCHES = 50  # length-sorting window, as transformers' LengthGroupedSampler
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward: evaluation affords larger batches
 
@@ -108,10 +111,12 @@ class FitResult:
 
 def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *, lr: float,
         config: ExperimentConfig, seed: int, device: str, dtype: torch.dtype | None = None,
-        checkpoint_dir: Path | None = None, desc: str = "train") -> FitResult:
+        checkpoint_dir: Path | None = None, desc: str = "train",
+        on_log: ProgressHook | None = None) -> FitResult:
     """Train the parameters of `model` that require grad for `config.epochs` epochs,
     evaluating on all of `val_df` after each; resume from `checkpoint_dir` when it holds
-    a checkpoint of this same training."""
+    a checkpoint of this same training. `on_log(loss_history, eval_history)` is called at
+    the loop's logging points and after each epoch's evaluation (experiment tracking)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: nothing to fit")
@@ -172,6 +177,8 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
             if state["step"] % log_every == 0:
                 log.info("%s epoch %d step %d/%d loss %.4f lr %.2e", desc, epoch, state["step"],
                          total_steps, state["loss_history"][-1]["loss"], lr_now)
+                if on_log:
+                    on_log(state["loss_history"], state["eval_history"])
         state["train_seconds"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -183,6 +190,8 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
         state["epoch"] = epoch
         log.info("%s epoch %d: validation accuracy %.4f f1 %.4f loss %.4f", desc, epoch,
                  scores["accuracy"], scores["f1"], scores["loss"])
+        if on_log:
+            on_log(state["loss_history"], state["eval_history"])
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, state, fingerprint)
 
@@ -208,7 +217,7 @@ def hyperparameters(config: ExperimentConfig, lr: float) -> dict[str, Any]:
             "schedule": "linear warm-up and decay", "precision_setting": config.precision}
 
 
-def train_variant(job: Job, module: ModuleType) -> Predictions:
+def train_variant(job: Job, module: ModuleType, on_log: ProgressHook | None = None) -> Predictions:
     """Train `job.variant` with the method `module`; fill the record with what was measured,
     save the model (atomically) and return the final model's validation and test
     probabilities."""
@@ -233,7 +242,7 @@ def train_variant(job: Job, module: ModuleType) -> Predictions:
                  counts["trainable"], counts["total"], device, record.precision)
         result = fit(model, frames["train"], frames["validation"], lr=variant.lr, config=config,
                      seed=variant.seed, device=device, dtype=dtype,
-                     checkpoint_dir=job.out / "checkpoints", desc=variant.name)
+                     checkpoint_dir=job.out / "checkpoints", desc=variant.name, on_log=on_log)
     record.hyperparameters["warmup_steps"] = result.warmup_steps
     record.loss_history, record.eval_history = result.loss_history, result.eval_history
     record.train_seconds, record.eval_seconds = result.train_seconds, result.eval_seconds

@@ -74,9 +74,12 @@ def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
 
 def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
          paths: RunPaths, device: str | None) -> Path:
+    from tasks import tracking
+
     record = MetricsRecord.start(variant, config.model, config.preset)
     record.input_budget = input_budget(
         method.reads, read_json(paths.tokens_json) if paths.tokens_json.exists() else None)
+    tracked = tracking.variant_run(variant, paths)  # inactive unless MLflow tracking is on
     try:
         module = importlib.import_module(method.module)
         with _device(method.uses_encoder, device) as leased:
@@ -85,7 +88,7 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
             if method.trained:
                 from tasks.train import train_variant
 
-                predictions = train_variant(job, module)
+                predictions = train_variant(job, module, on_log=tracked.log_progress)
             else:
                 predictions = module.predict(job)
         path = record.finish(paths, (labels(paths, "validation"), predictions.validation),
@@ -100,6 +103,8 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         log.exception("variant %s failed", variant.name)
         record.fail(paths, err)
         raise
+    finally:
+        tracked.finish(record, paths)  # after metrics.json: a copy, never the cause of a failure
 
 
 @contextlib.contextmanager

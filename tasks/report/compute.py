@@ -361,13 +361,14 @@ def headline(run: StoredRun, configs: list[Configuration],
         out["sentences"].append("No comparison of LoRA and full fine-tuning could be made: "
                                 + "; ".join(reasons) + ".")
 
-    # a baseline at or above a trained method is news: the headline says it, tested
+    # A baseline at or above a trained method, or within test noise of it, is news: the
+    # headline says so; a trained method that clearly beat a baseline is a detail.
     for c in family:
         if registry.method(c["a"].method).trained:  # LoRA against full fine-tuning: above
             continue
-        if c["a"].row["accuracy"] >= c["b"].row["accuracy"] or c["significant"]:
-            (out["sentences"] if c["a"].row["accuracy"] >= c["b"].row["accuracy"]
-             else out["details"]).append(c["sentence"])
+        baseline_won = c["a"].row["accuracy"] >= c["b"].row["accuracy"]
+        (out["sentences"] if baseline_won or not c["significant"]
+         else out["details"]).append(c["sentence"])
 
     for m, c in chosen.items():
         out["kpis"].append({"method": m, "value": fmt_acc(c.row["accuracy"]),
