@@ -36,7 +36,7 @@ $(SETUP_DONE): pyproject.toml constraints.txt scripts/mlflow_server.constraints.
 	bash scripts/mlflow_server.sh install
 	touch $@
 
-# Both print their 25 slowest tests: the suite's time budget, visible (README: each group's time).
+# Both print their 25 slowest tests: the suite's time budget, visible.
 test: $(SETUP_DONE)  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q --durations=25
 
