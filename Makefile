@@ -39,11 +39,12 @@ $(SETUP_DONE): pyproject.toml constraints.txt scripts/mlflow_server.constraints.
 	bash scripts/mlflow_server.sh install
 	touch $@
 
+# Both print their 25 slowest tests: the suite's time budget, visible.
 test: $(SETUP_DONE)  ## the whole suite, slow tests included (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(SETUP_DONE)  ## skip the slow, browser, scheduler and cluster tests
-	$(PY) -m pytest -q -m "not slow and not browser and not scheduler and not cluster"
+	$(PY) -m pytest -q --durations=25 -m "not slow and not browser and not scheduler and not cluster"
 
 run: $(SETUP_DONE)  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
 	bash scripts/run_dag.sh $(PRESET)

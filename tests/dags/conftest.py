@@ -66,11 +66,13 @@ def dag():
     return bag.dags[DAG_ID]
 
 
-@pytest.fixture(scope="session")
-def airflow_db() -> Path:
-    """A migrated metadata database (SQLite) in the throw-away home, with the `gpu` pool."""
+def migrate_home() -> Path:
+    """Migrate the metadata database (SQLite) in the throw-away home and add the `gpu` pool;
+    keep a copy of it as it is then (`pristine.db`) for a real Airflow to start from. The
+    session fixture `airflow_db` (tests/conftest.py) calls it once."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=airflow_env(),
                    check=True, capture_output=True, timeout=300)
     subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "test"],
                    env=airflow_env(), check=True, capture_output=True, timeout=120)
+    shutil.copyfile(_HOME / "airflow.db", _HOME / "pristine.db")
     return _HOME

@@ -1,150 +1,24 @@
 """A real Airflow: API server, scheduler and DAG processor as separate processes
-(LocalExecutor, SQLite in a throw-away home), driven only through the REST API v2, as a
-user's script or the web UI would. The `gpu` pool has one slot, so the encoder variants
-(two LoRA ranks and full fine-tuning) of a smoke sweep must run one after another."""
+(LocalExecutor, SQLite in a throw-away home: the session's, tests/airflow_server.py), driven
+only through the REST API v2, as a user's script or the web UI would. The `gpu` pool has
+one slot, so the encoder variants (two LoRA ranks and full fine-tuning) of a smoke sweep
+must run one after another."""
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
-from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import pytest
 
 from tasks.paths import report_slug
 from tasks.pipeline import config_from_params
-from tests.dags.conftest import DAG_ID, airflow_env
+from tests.airflow_server import _wait
+from tests.dags.conftest import DAG_ID
 
 pytestmark = [pytest.mark.slow, pytest.mark.scheduler]
-
-COMPONENTS = ("api-server", "scheduler", "dag-processor")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except httpx.TransportError:
-            pass
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@dataclass
-class Airflow:
-    url: str
-    client: httpx.Client
-    home: Path
-    artifacts: Path
-    reports: Path
-
-    def trigger(self, conf: dict) -> httpx.Response:
-        return self.client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                json={"logical_date": None, "conf": conf})
-
-    def runs(self) -> list[dict]:
-        return self.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").raise_for_status().json()["dag_runs"]
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
-    """Start the three components; stop them (whole process groups, so LocalExecutor
-    workers and running tasks go too) when the module's tests are done."""
-    root = tmp_path_factory.mktemp("airflow-cluster")
-    home, port = root / "home", _free_port()
-    home.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    password = secrets.token_urlsafe(16)
-    # The simple auth manager keeps its users' passwords in this file; writing it first
-    # gives `admin` a password the test knows.
-    (home / "simple_auth_manager_passwords.json.generated").write_text(json.dumps({"admin": password}))
-    env = airflow_env(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
-        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-        AIRFLOW__CORE__PARALLELISM="3",  # room for 3 tasks at once: the pool must hold them back
-        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin",
-        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(32),  # shared by every component
-        AIRFLOW__API__HOST="127.0.0.1",
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__API__BASE_URL=url,
-        AIRFLOW__API__WORKERS="1",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{url}/execution/",
-        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port()),  # not 8793: may be taken
-        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="2",
-        LORAFLOW_ARTIFACTS=str(root / "artifacts"),
-        LORAFLOW_REPORTS=str(root / "reports"),
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",  # 3 task processes on a 2-core machine: no thread oversubscription
-    )
-    env.pop("LORAFLOW_DEVICE", None)
-    env.pop("LORAFLOW_SCHEDULE", None)  # the default, weekly: unpausing must not start a run
-    airflow_cli = [sys.executable, "-m", "airflow"]
-    subprocess.run([*airflow_cli, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([*airflow_cli, "pools", "set", "gpu", "1", "one GPU"], env=env, check=True,
-                   capture_output=True, timeout=120)
-
-    procs: dict[str, subprocess.Popen] = {}
-    logs = {name: root / f"{name}.log" for name in COMPONENTS}
-    client = httpx.Client(base_url=url, timeout=30)
-    try:
-        for name in COMPONENTS:
-            with open(logs[name], "wb") as log:
-                procs[name] = subprocess.Popen([*airflow_cli, name], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True)
-
-        def api_up():
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"airflow {name} exited:\n{_tail(logs[name])}")
-            return client.get("/api/v2/monitor/health").status_code == 200
-
-        _wait("the API server", api_up, timeout=120)
-        token = client.post("/auth/token", json={"username": "admin", "password": password})
-        token.raise_for_status()
-        client.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-        _wait("the DAG processor to register the DAG",
-              lambda: client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200, timeout=120)
-        yield Airflow(url, client, home, root / "artifacts", root / "reports")
-    except BaseException:
-        for name in COMPONENTS:
-            print(f"--- {name} log (tail) ---\n{_tail(logs[name])}")
-        raise
-    finally:
-        client.close()
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 @pytest.mark.timeout(300)  # includes starting the components

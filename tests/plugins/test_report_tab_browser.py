@@ -1,7 +1,7 @@
 """The Report tab as a user meets it: Chromium logs in through Airflow's login page, triggers
 the `smoke` preset from the trigger form, waits for the run, and reads the report in the
-run's Report tab; a browser that is not logged in is refused. A real Airflow (API server,
-scheduler, DAG processor; SQLite, throw-away home) as in tests/dags/test_scheduler.py.
+run's Report tab; a browser that is not logged in is refused. The session's real Airflow
+(API server, scheduler, DAG processor; SQLite, throw-away home), tests/airflow_server.py.
 
 Screenshots go to the test's tmp folder and, when LORAFLOW_SCREENSHOTS names a folder, there.
 """
@@ -20,8 +20,8 @@ import pytest
 
 from tasks.paths import report_slug, report_url
 from tasks.pipeline import config_from_params
+from tests.airflow_server import _wait  # the `airflow` fixture: the session's real Airflow
 from tests.dags.conftest import DAG_ID
-from tests.dags.test_scheduler import _wait, airflow  # noqa: F401  (a real Airflow per module)
 from tests.tasks.test_report_browser import CHROMIUM, LAYOUT_PROBLEMS, _browser_or_skip
 
 pytestmark = [pytest.mark.browser, pytest.mark.scheduler, pytest.mark.slow]
@@ -59,7 +59,7 @@ def _screenshot(page, tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.timeout(900)  # includes starting Airflow and a smoke run (2-5 minutes here)
-def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_path):  # noqa: F811
+def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_path):
     sync_playwright = _browser_or_skip()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM))
@@ -150,7 +150,7 @@ def test_a_logged_in_user_triggers_smoke_and_reads_the_report_tab(airflow, tmp_p
 
 
 @pytest.mark.timeout(600)
-def test_the_report_url_refuses_a_browser_that_is_not_logged_in(airflow, tmp_path):  # noqa: F811
+def test_the_report_url_refuses_a_browser_that_is_not_logged_in(airflow, tmp_path):
     sync_playwright = _browser_or_skip()
     run_id = "manual__2026-11-29T13:23:57.899928+00:00"
     folder = airflow.reports / report_slug(run_id)
@@ -186,7 +186,7 @@ def test_the_report_url_refuses_a_browser_that_is_not_logged_in(airflow, tmp_pat
 
 @pytest.mark.timeout(600)
 def test_a_run_that_stops_in_prepare_says_so_in_check_variants_and_the_report_tab(
-        airflow, tmp_path):  # noqa: F811
+        airflow, tmp_path):
     """A conf key the schema lets through (it allows extra keys) but the config refuses:
     `prepare` fails, no variant runs, and both places a user looks name the real error."""
     sync_playwright = _browser_or_skip()

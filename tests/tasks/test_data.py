@@ -190,6 +190,7 @@ def test_sizes_larger_than_the_source_are_a_value_error_naming_the_numbers(smoke
     assert not paths.data_dir.exists() or not list(paths.data_dir.iterdir())
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_local_parquet_cached_once_and_reread_when_files_change(smoke_run, imdb_sample, tmp_path):
     config, paths = smoke_run
     folder = tmp_path / "parquet"
@@ -288,6 +289,7 @@ def test_canonical_stanford_url_has_the_published_checksum():
     assert data.expected_sha256("https://mirror/a.tar.gz#sha256=" + "AB" * 32) == "ab" * 32
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_path, server):
     base, www, requests = server
     expected = _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
@@ -310,6 +312,7 @@ def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_
     assert not [name for name in leftovers if name.startswith(".download")]
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_url_checksum_mismatch_raises_and_keeps_nothing(smoke_run, imdb_sample, tmp_path, server):
     base, www, _ = server
     _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
@@ -341,6 +344,7 @@ def test_unreachable_url_raises_connection_error(smoke_run):
         data.download_dataset(config.with_overrides(data=source), paths)
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_url_tarball_with_parent_member_is_refused(smoke_run, imdb_sample, tmp_path, server):
     base, www, _ = server
     _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))

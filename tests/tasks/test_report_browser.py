@@ -160,16 +160,13 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
         shutil.copyfile(shot, SCREENSHOT_COPY)
 
 
-def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
+def test_report_of_a_real_smoke_run_opens_offline(tmp_path, smoke_all):
     """The issue's check on real output: every step of a (shrunk) smoke run, then its report."""
-    from tasks.config import preset_config
-    from tasks.pipeline import prepare_run, run_all
+    from tasks.pipeline import load_run
 
     sync_playwright = _browser_or_skip()
-    config = preset_config("smoke", data=str(imdb_dir), train_size=64, val_size=32, test_size=32,
-                           max_length=32)
-    paths = prepare_run(config, "smoke-browser", tmp_path / "artifacts", tmp_path / "reports")
-    report = run_all(config, paths)
+    config, _ = load_run(smoke_all.run_dir)
+    report = smoke_all.report
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM))
         try:

@@ -20,6 +20,8 @@ from tasks.paths import PROJECT_DIR, SPLITS, read_json
 from tasks.pipeline import prepare_run
 from tests.tasks.conftest import write_run_data
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # cache hits and misses are counted here
+
 
 @pytest.fixture
 def count_encodes(monkeypatch):

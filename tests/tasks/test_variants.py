@@ -58,6 +58,7 @@ def _cli_run(tmp_path, imdb_dir, run_id: str) -> int:
                  "--artifacts", str(tmp_path / "a"), "--reports", str(tmp_path / "r")])
 
 
+@pytest.mark.slow  # a whole run in this process
 def test_a_not_applicable_method_keeps_the_runs_exit_code_zero(tmp_path, imdb_dir, monkeypatch,
                                                               capsys):
     monkeypatch.setattr(seed_heuristic, "predict", _not_applicable)
@@ -74,6 +75,7 @@ def test_a_not_applicable_method_keeps_the_runs_exit_code_zero(tmp_path, imdb_di
     assert summary["counts"] == {"ok": 1, "not_applicable": 1}
 
 
+@pytest.mark.slow  # a whole run in this process
 def test_a_failed_method_makes_the_run_exit_non_zero_and_names_it(tmp_path, imdb_dir,
                                                                   monkeypatch, capsys):
     monkeypatch.setattr(majority, "predict", _broken)
