@@ -1,7 +1,9 @@
 """Run one variant, whatever its method: the record's lifecycle around the method's module.
 
 `run_variant` looks the method up in the registry, takes a GPU lease when the method runs
-the encoder (unless the caller leased one already), calls the method's module, scores the
+the encoder (unless the caller leased one already), resolves the run's precision setting on
+that device (once: the method gets it in its `Job`, tasks/job.py, the contract every method
+module imports instead of this dispatcher), calls the method's module, scores the
 validation and test predictions it returns, and writes `predictions.parquet` and
 `metrics.json`. A method that cannot run on this model raises `NotApplicable`: the
 variant is recorded as not applicable, with the reason, and the run goes on. Any other
@@ -13,48 +15,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from tasks import registry
 from tasks.config import ExperimentConfig
+from tasks.job import Job, NotApplicable
 from tasks.metrics import MetricsRecord
 from tasks.paths import RunPaths, exclusive
 from tasks.registry import Variant
 
 log = logging.getLogger(__name__)
-
-
-class NotApplicable(Exception):
-    """The method cannot run on this model (e.g. zero-shot on random weights)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Predictions(NamedTuple):
-    validation: np.ndarray  # P(positive) per row of data/validation.parquet, in order
-    test: np.ndarray  # ... and of data/test.parquet
-
-
-@dataclass
-class Job:
-    """What a method's module gets: the variant, the run, its record and its device."""
-
-    variant: Variant
-    config: ExperimentConfig
-    paths: RunPaths
-    record: MetricsRecord
-    device: str
-
-    @property
-    def out(self) -> Path:
-        return self.paths.variant_dir(self.variant.name)
 
 
 def labels(paths: RunPaths, split: str) -> np.ndarray:
@@ -78,7 +51,9 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         module = importlib.import_module(method.module)
         with _device(method.uses_encoder, device) as leased:
             record.device = leased
-            job = Job(variant, config, paths, record, leased)
+            job = Job(variant, config, paths, record, leased, _precision(method, config, leased))
+            if method.uses_encoder:
+                record.precision = job.precision
             if method.trained:
                 from tasks.train import train_variant
 
@@ -97,6 +72,16 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         log.exception("variant %s failed", variant.name)
         record.fail(paths, err)
         raise
+
+
+def _precision(method: registry.Method, config: ExperimentConfig, device: str) -> str:
+    """The run's precision setting resolved on `device`, once for the whole variant. Methods
+    that do not run the encoder compute in numpy (fp32 or wider) and need no torch."""
+    if not method.uses_encoder:
+        return "fp32"
+    from tasks.evaluate import resolve_precision
+
+    return resolve_precision(config.precision, device)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import torch
 from tasks.evaluate import autocast, eval_mode, pad_batch, sorted_batches
 
 if TYPE_CHECKING:
-    from tasks.variants import Job, Predictions
+    from tasks.job import Job, Predictions
 
 Mode = Literal["embedding", "cloze"]
 TEMPERATURE = 0.05  # 1 / the MultipleNegativesRankingLoss scale (20) of sentence-transformers
@@ -296,8 +296,8 @@ def predict(job: Job) -> Predictions:
     """The method's entry point: not applicable without a zero-shot reading of the model."""
     import pandas as pd
 
-    from tasks.evaluate import PeakMemory, autocast_dtype
-    from tasks.variants import NotApplicable, Predictions
+    from tasks.evaluate import PeakMemory
+    from tasks.job import NotApplicable, Predictions
 
     mode, reason = zero_shot_mode(job.config.model)
     if mode is None:
@@ -309,7 +309,7 @@ def predict(job: Job) -> Predictions:
                                   frames["validation"]["label"].to_numpy(),
                                   frames["test"]["text"].tolist(),
                                   max_length=job.config.max_length, device=job.device,
-                                  dtype=autocast_dtype(job.config.precision, job.device))
+                                  dtype=job.dtype)
     record = job.record
     record.hyperparameters.update(result.hyperparameters)
     record.params_trainable = 0
