@@ -58,7 +58,7 @@ if [ "$DRY" = 1 ]; then
   check "data folder has train.parquet and test.parquet" \
     test -f "$DATA/train.parquet" -a -f "$DATA/test.parquet"
   check "benchmark modules import" \
-    "$PY" -c "import bench.run, bench.step, bench.e2e, bench.notebook, bench.flops, bench.report"
+    "$PY" -c "import bench.run, bench.common, bench.inference, bench.step, bench.e2e, bench.notebook, bench.flops, bench.report"
   check "loraflow bench parses --device cuda --data --out" "$PY" -c \
     "from tasks.cli import build_parser; a = build_parser().parse_args(['bench', '--device', 'cuda', '--data', '$DATA', '--out', '$OUT_DIR']); assert (a.device, a.out) == ('cuda', '$OUT_DIR')"
   check "bench.flops knows the H200's peak" "$PY" -c \

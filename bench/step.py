@@ -52,7 +52,7 @@ def is_reference(row: dict[str, Any]) -> bool:
 
 def build_model(source: str, contender: Contender) -> torch.nn.Module:
     """The model with exactly the contender's parameters trainable."""
-    from bench.run import load_model
+    from bench.common import load_model
     from lora_core.inject import TARGET_PRESETS, head_module_names, inject_lora
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: s
 def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
                 device: str) -> list[dict[str, Any]]:
     """ms per step of every contender on `source`, median over interleaved rounds."""
-    from tasks.evaluate import autocast_dtype, precision_label
+    from tasks.evaluate import resolve_precision
 
     runs = []
     for c in contenders():
@@ -120,7 +120,7 @@ def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
     for c, _, trainable, params in runs:
         rows.append({"model": source, "name": c.name, "implementation": c.implementation,
                      "method": c.method, "precision_setting": c.precision,
-                     "precision": precision_label(autocast_dtype(c.precision, device)),
+                     "precision": resolve_precision(c.precision, device),
                      "ms_per_step": 1000 * statistics.median(times[c.name]),
                      "rounds": rounds, "params_trainable": trainable, "params_total": params,
                      "tokens_per_step": tokens})
