@@ -24,6 +24,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 from tasks.paths import report_slug, reports_root, safe_run_id
 from tasks.steps import DAG_ID
+
 URL_PREFIX = "/loraflow"  # tasks.paths.report_url builds URLs under it
 REPORT_PAGE = "report.html"
 
