@@ -34,11 +34,13 @@ def real_batch(data_dir: Path, seq_len: int) -> dict[str, torch.Tensor]:
 
     from tasks.models import load_tokenizer
 
-    texts = pd.read_parquet(data_dir / "test.parquet", columns=["text"])["text"].sample(
-        n=BATCH, random_state=0).tolist()
+    texts = (
+        pd.read_parquet(data_dir / "test.parquet", columns=["text"])["text"]
+        .sample(n=BATCH, random_state=0)
+        .tolist()
+    )
     tok = load_tokenizer("embedded-minilm")  # the uncased WordPiece vocab every model here uses
-    enc = tok(texts, truncation=True, max_length=seq_len, padding="max_length",
-              return_tensors="pt")
+    enc = tok(texts, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -73,9 +75,16 @@ def machine(device: str) -> dict[str, Any]:
     from tasks.evaluate import cpu_has_native_bf16
 
     cuda = device.startswith("cuda")
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),
-            "device": device, "device_name": torch.cuda.get_device_name(device) if cuda else None,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }

@@ -22,9 +22,15 @@ def bench_inference(source: str, batch: dict, repeats: int, device: str) -> list
     sizes = (1, len(batch["input_ids"]))
 
     def rows(variant: str) -> list[dict[str, Any]]:
-        return [{"model": source, "variant": variant, "batch": n,
-                 "ms_per_example": ms_per_example(model, batch, n, repeats, device)}
-                for n in sizes]
+        return [
+            {
+                "model": source,
+                "variant": variant,
+                "batch": n,
+                "ms_per_example": ms_per_example(model, batch, n, repeats, device),
+            }
+            for n in sizes
+        ]
 
     out = rows("bare")
     inject_lora(model, "qkvo", rank=16, alpha=16)

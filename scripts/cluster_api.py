@@ -32,8 +32,9 @@ class Api:
     def trigger(self, conf: dict) -> str:
         """Unpause the DAG, start a run with `conf`; return its run id."""
         self.client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
-        created = self.client.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                   json={"logical_date": None, "conf": conf})
+        created = self.client.post(
+            f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}
+        )
         if created.status_code != 200:
             raise RuntimeError(f"trigger refused ({created.status_code}): {created.text}")
         return created.json()["dag_run_id"]
@@ -77,17 +78,25 @@ def run_table(api: Api, run_id: str) -> str:
         return f"{(datetime.fromisoformat(stamp) - t0).total_seconds():6.1f}" if stamp else "     -"
 
     rows = sorted(api.task_instances(run_id), key=lambda t: t["start_date"] or "~")
-    lines = [f"run {run_id}: {run['state']}, {len(rows)} task instances, times in s from the run's start",
-             f"{'task':<34} {'queue':<8} {'worker':<28} {'queued':>6} {'start':>6} {'end':>6} "
-             f"{'wait':>5} {'try':>3}"]
+    lines = [
+        f"run {run_id}: {run['state']}, {len(rows)} task instances, times in s from the run's start",
+        f"{'task':<34} {'queue':<8} {'worker':<28} {'queued':>6} {'start':>6} {'end':>6} "
+        f"{'wait':>5} {'try':>3}",
+    ]
     for t in rows:
-        name = t["task_id"] + (f"[{t['rendered_map_index'] or t['map_index']}]"
-                               if t["map_index"] >= 0 else "")
-        wait = (f"{(datetime.fromisoformat(t['start_date']) - datetime.fromisoformat(t['queued_when'])).total_seconds():5.1f}"
-                if t.get("queued_when") and t["start_date"] else "    -")
-        lines.append(f"{name[:34]:<34} {t['queue'] or '-':<8} {(t['hostname'] or '-')[:28]:<28} "
-                     f"{offset(t.get('queued_when'))} {offset(t['start_date'])} "
-                     f"{offset(t['end_date'])} {wait} {t['try_number']:>3}")
+        name = t["task_id"] + (
+            f"[{t['rendered_map_index'] or t['map_index']}]" if t["map_index"] >= 0 else ""
+        )
+        wait = (
+            f"{(datetime.fromisoformat(t['start_date']) - datetime.fromisoformat(t['queued_when'])).total_seconds():5.1f}"
+            if t.get("queued_when") and t["start_date"]
+            else "    -"
+        )
+        lines.append(
+            f"{name[:34]:<34} {t['queue'] or '-':<8} {(t['hostname'] or '-')[:28]:<28} "
+            f"{offset(t.get('queued_when'))} {offset(t['start_date'])} "
+            f"{offset(t['end_date'])} {wait} {t['try_number']:>3}"
+        )
     if run["end_date"]:
         wall = (datetime.fromisoformat(run["end_date"]) - t0).total_seconds()
         lines.append(f"wall time (run start to end): {wall:.1f} s")

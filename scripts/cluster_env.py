@@ -24,8 +24,11 @@ HOSTNAME_CALLABLE = "loraflow_hostname.worker_hostname"  # scripts/loraflow_host
 
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=value lines; `#` comments and blank lines skipped (docker/airflow.env)."""
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     return {key.strip(): value.strip() for key, value in pairs}
 
 
@@ -62,12 +65,27 @@ def components(opts: argparse.Namespace, gpus: int) -> list[Component]:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // opts.gpu_workers))
         workers.append((f"gpu-{i}", "gpu", 1, env))
     for offset, (name, queue, concurrency, env) in enumerate(workers, start=2):
-        control.append(Component(
-            name, ["celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
-                   "--celery-hostname", f"{name}@%h"],
-            env={**env, "LORAFLOW_WORKER_NAME": name,
-                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(port + offset)},
-            queue=queue))
+        control.append(
+            Component(
+                name,
+                [
+                    "celery",
+                    "worker",
+                    "--queues",
+                    queue,
+                    "--concurrency",
+                    str(concurrency),
+                    "--celery-hostname",
+                    f"{name}@%h",
+                ],
+                env={
+                    **env,
+                    "LORAFLOW_WORKER_NAME": name,
+                    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(port + offset),
+                },
+                queue=queue,
+            )
+        )
     return control
 
 
@@ -76,8 +94,10 @@ def secrets_of(home: Path) -> dict[str, str]:
     path = home / "auth" / "secrets.json"
     if path.exists():
         return json.loads(path.read_text())
-    values = {name: secrets.token_urlsafe(32)
-              for name in ("jwt_secret", "api_secret_key", "admin_password")}
+    values = {
+        name: secrets.token_urlsafe(32)
+        for name in ("jwt_secret", "api_secret_key", "admin_password")
+    }
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.touch(mode=0o600)
     path.write_text(json.dumps(values))
@@ -96,7 +116,10 @@ def settings(opts: argparse.Namespace, home: Path) -> dict[str, str]:
     url = f"http://{opts.host}:{opts.port}"
     redis_options = {}
     if opts.redis_prefix:  # keeps several clusters (or test runs) on one Redis apart
-        for section in ("CELERY_BROKER_TRANSPORT_OPTIONS", "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS"):
+        for section in (
+            "CELERY_BROKER_TRANSPORT_OPTIONS",
+            "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS",
+        ):
             redis_options[f"AIRFLOW__{section}__GLOBAL_KEYPREFIX"] = opts.redis_prefix
     venv_bin = str(Path(sys.executable).parent)
     return {
@@ -123,12 +146,11 @@ def settings(opts: argparse.Namespace, home: Path) -> dict[str, str]:
         "LORAFLOW_REPORTS": str(Path(opts.reports).resolve()),
         # The project importable as `tasks` (as in scripts/airflow_env.sh), scripts/ for
         # the hostname callable (`loraflow_hostname`), and the venv's `airflow` and `python`.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"),
-                                                    os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH")])
+        ),
         "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")]),
     }
-
-
 
 
 def create_database(opts: argparse.Namespace) -> None:

@@ -57,8 +57,10 @@ class Job:
 
     def __post_init__(self) -> None:
         if self.precision not in RESOLVED_PRECISIONS:
-            raise ValueError(f"Job.precision must be one of {', '.join(RESOLVED_PRECISIONS)} "
-                             f"(a resolved precision), got {self.precision!r}")
+            raise ValueError(
+                f"Job.precision must be one of {', '.join(RESOLVED_PRECISIONS)} "
+                f"(a resolved precision), got {self.precision!r}"
+            )
 
     @property
     def out(self) -> Path:

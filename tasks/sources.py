@@ -33,7 +33,10 @@ from tasks.paths import atomic_dir, atomic_path, write_json
 log = logging.getLogger(__name__)
 
 HUB_ID = "stanfordnlp/imdb"
-SOURCE_SPLITS = ("train", "test")  # a source's two splits; a run's three subsets: tasks.paths.SPLITS
+SOURCE_SPLITS = (
+    "train",
+    "test",
+)  # a source's two splits; a run's three subsets: tasks.paths.SPLITS
 PUBLISHED_ROWS = {"train": 25_000, "test": 25_000}  # stanfordnlp/imdb and aclImdb_v1.tar.gz
 COLUMNS = ("text", "label", "review_id", "rating")  # the last two only where the source has them
 # SHA-256 of the published aclImdb_v1.tar.gz (84,125,825 bytes), as pinned by independent
@@ -46,6 +49,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 # --- the full splits, cached ---------------------------------------------------------------
+
 
 def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
     """Both full splits of `source`, normalised, from the cache when it holds them."""
@@ -70,9 +74,15 @@ def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
         with atomic_dir(folder) as tmp:
             for s in SOURCE_SPLITS:
                 frames[s].to_parquet(tmp / f"{s}.parquet", index=False)
-            write_json(tmp / "source.json", {
-                "source": source, "kind": kind, "rows": {s: len(frames[s]) for s in SOURCE_SPLITS},
-                "created_at": datetime.now(UTC).isoformat()})
+            write_json(
+                tmp / "source.json",
+                {
+                    "source": source,
+                    "kind": kind,
+                    "rows": {s: len(frames[s]) for s in SOURCE_SPLITS},
+                    "created_at": datetime.now(UTC).isoformat(),
+                },
+            )
     log.info("data cached: %s", folder)
     return frames
 
@@ -97,15 +107,22 @@ def read_parquet(path: Path) -> pd.DataFrame:
     for name in table.column_names:
         column = table.column(name)
         # bytes columns too: their text is decoded later (and pandas fails naming nothing)
-        if (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
-                or (invalid is not None and (pa.types.is_string(column.type)
-                                             or pa.types.is_large_string(column.type)))):
+        if (
+            pa.types.is_binary(column.type)
+            or pa.types.is_large_binary(column.type)
+            or (
+                invalid is not None
+                and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
+            )
+        ):
             for row, value in enumerate(column.cast(pa.binary()).to_pylist()):
                 try:
                     value is None or value.decode("utf-8")
                 except UnicodeDecodeError as bad:
-                    raise UnreadableData(f"{path}: column {name!r}, row {row}: not valid "
-                                         f"UTF-8 ({bad.reason} at byte {bad.start})") from None
+                    raise UnreadableData(
+                        f"{path}: column {name!r}, row {row}: not valid "
+                        f"UTF-8 ({bad.reason} at byte {bad.start})"
+                    ) from None
     if invalid is not None:
         raise UnreadableData(f"{path}: {invalid}") from None
     try:
@@ -125,18 +142,24 @@ def parse_source(source: str) -> tuple[str, str]:
     scheme = _SCHEME.match(source)
     if scheme:
         if scheme.group(1).lower() not in ("http", "https"):
-            raise ValueError(f"unknown data source {source!r}: expected 'hub', an http(s):// URL "
-                             "of aclImdb_v1.tar.gz, or a local folder")
+            raise ValueError(
+                f"unknown data source {source!r}: expected 'hub', an http(s):// URL "
+                "of aclImdb_v1.tar.gz, or a local folder"
+            )
         expected_sha256(source)  # fail before any network traffic when no checksum is known
         return "url", source
     folder = Path(source).expanduser().resolve()
     if not folder.exists():
-        raise ValueError(f"data folder {source!r} does not exist (resolved to {folder}); "
-                         "expected 'hub', an http(s):// URL, or a folder with "
-                         "train/test.parquet or aclImdb/")
+        raise ValueError(
+            f"data folder {source!r} does not exist (resolved to {folder}); "
+            "expected 'hub', an http(s):// URL, or a folder with "
+            "train/test.parquet or aclImdb/"
+        )
     if not folder.is_dir():
-        raise ValueError(f"data source {source!r} is a file; expected a folder holding "
-                         "train.parquet and test.parquet, or an extracted aclImdb/")
+        raise ValueError(
+            f"data source {source!r} is a file; expected a folder holding "
+            "train.parquet and test.parquet, or an extracted aclImdb/"
+        )
     return "local", str(folder)
 
 
@@ -158,8 +181,10 @@ def source_rows(kind: str, resolved: str) -> dict[str, int] | None:
     root = _aclimdb_root(folder)
     if root is None:
         return None
-    return {s: sum(1 for lab in ("neg", "pos") for _ in (root / s / lab).glob("*.txt"))
-            for s in SOURCE_SPLITS}
+    return {
+        s: sum(1 for lab in ("neg", "pos") for _ in (root / s / lab).glob("*.txt"))
+        for s in SOURCE_SPLITS
+    }
 
 
 def cache_key(kind: str, resolved: str) -> str:
@@ -172,8 +197,9 @@ def cache_key(kind: str, resolved: str) -> str:
         if not all(p.exists() for p in stamps):  # aclImdb: a folder's mtime changes with its files
             root = _aclimdb_root(folder) or folder
             stamps = [root / s / lab for s in SOURCE_SPLITS for lab in ("neg", "pos")]
-        ident["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns]
-                          for p in stamps if p.exists()]
+        ident["files"] = [
+            [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in stamps if p.exists()
+        ]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -191,6 +217,7 @@ def normalise(frame: pd.DataFrame, what: str) -> pd.DataFrame:
 
 # --- the three kinds of source ---------------------------------------------------------------
 
+
 def _load_hub() -> dict[str, pd.DataFrame]:
     import datasets  # heavy; only this source needs it
 
@@ -203,14 +230,18 @@ def _load_local(folder: Path) -> dict[str, pd.DataFrame]:
     if any(p.exists() for p in parquet.values()):
         missing = [p.name for p in parquet.values() if not p.exists()]
         if missing:
-            raise ValueError(f"data folder {folder} lacks {missing}; expected both "
-                             "train.parquet and test.parquet")
+            raise ValueError(
+                f"data folder {folder} lacks {missing}; expected both "
+                "train.parquet and test.parquet"
+            )
         return {s: read_parquet(p) for s, p in parquet.items()}
     root = _aclimdb_root(folder)
     if root is None:
         found = sorted(p.name for p in folder.iterdir())[:10]
-        raise ValueError(f"data folder {folder} holds neither train.parquet + test.parquet nor "
-                         f"aclImdb/{{train,test}}/{{pos,neg}}/; found {found}")
+        raise ValueError(
+            f"data folder {folder} holds neither train.parquet + test.parquet nor "
+            f"aclImdb/{{train,test}}/{{pos,neg}}/; found {found}"
+        )
     return read_aclimdb(root)
 
 
@@ -235,17 +266,20 @@ def read_aclimdb(root: Path) -> dict[str, pd.DataFrame]:
             for f in files:
                 match = _REVIEW_FILE.match(f.name)
                 if not match:
-                    raise ValueError(f"unexpected file {f}; aclImdb reviews are named "
-                                     "<id>_<rating>.txt")
+                    raise ValueError(
+                        f"unexpected file {f}; aclImdb reviews are named <id>_<rating>.txt"
+                    )
                 # bytes, not read_text: universal newlines would alter the original text
                 try:
                     text = f.read_bytes().decode("utf-8")
                 except UnicodeDecodeError as bad:
-                    raise UnreadableData(f"{f}: not valid UTF-8 ({bad.reason} at byte "
-                                         f"{bad.start})") from None
+                    raise UnreadableData(
+                        f"{f}: not valid UTF-8 ({bad.reason} at byte {bad.start})"
+                    ) from None
                 rows.append((text, label, int(match[1]), int(match[2])))
         frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype(
-            {"label": "int64", "review_id": "int32", "rating": "int8"})
+            {"label": "int64", "review_id": "int32", "rating": "int8"}
+        )
         frames[split] = frame.sort_values(["label", "review_id"], ignore_index=True)
     return frames
 
@@ -270,13 +304,16 @@ def expected_sha256(url: str) -> str:
     if parts.fragment:
         match = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", parts.fragment)
         if not match:
-            raise ValueError(f"URL fragment {parts.fragment!r} of {url!r}: expected "
-                             "#sha256=<64 hex digits>")
+            raise ValueError(
+                f"URL fragment {parts.fragment!r} of {url!r}: expected #sha256=<64 hex digits>"
+            )
         return match[1].lower()
     if (parts.hostname, urllib.parse.unquote(parts.path)) == CANONICAL_URL:
         return CANONICAL_SHA256
-    raise ValueError(f"no checksum known for {url!r}; append #sha256=<64 hex digits> "
-                     "(the SHA-256 of the archive) to the URL")
+    raise ValueError(
+        f"no checksum known for {url!r}; append #sha256=<64 hex digits> "
+        "(the SHA-256 of the archive) to the URL"
+    )
 
 
 def fetch(url: str, target: Path, sha256: str) -> Path:
@@ -291,8 +328,9 @@ def fetch(url: str, target: Path, sha256: str) -> Path:
     try:
         response = urllib.request.urlopen(request, timeout=60)  # follows redirects
     except urllib.error.HTTPError as err:
-        raise ValueError(f"download of {plain} failed: HTTP {err.code} {err.reason}; "
-                         "expected a 2xx response") from err
+        raise ValueError(
+            f"download of {plain} failed: HTTP {err.code} {err.reason}; expected a 2xx response"
+        ) from err
     except urllib.error.URLError as err:
         raise ConnectionError(f"could not reach {plain}: {err.reason}") from err
     digest = hashlib.sha256()
@@ -300,16 +338,27 @@ def fetch(url: str, target: Path, sha256: str) -> Path:
         if not 200 <= response.status < 300:
             raise ValueError(f"download of {plain} failed: HTTP {response.status}; expected 2xx")
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=target.name, mininterval=2.0,
-                                         disable=progress_disabled()) as bar:
+        with (
+            tmp.open("wb") as out,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=target.name,
+                mininterval=2.0,
+                disable=progress_disabled(),
+            ) as bar,
+        ):
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
         if digest.hexdigest() != sha256:
-            raise ValueError(f"checksum mismatch for {plain}: got sha256 {digest.hexdigest()}, "
-                             f"expected {sha256}; the download was deleted")
+            raise ValueError(
+                f"checksum mismatch for {plain}: got sha256 {digest.hexdigest()}, "
+                f"expected {sha256}; the download was deleted"
+            )
     return target
 
 
@@ -324,8 +373,10 @@ def safe_extract(archive: Path, target: Path) -> None:
         for member in members:
             problem = _member_problem(member, target)
             if problem:
-                raise ValueError(f"refusing to extract {Path(archive).name}: member "
-                                 f"{member.name!r} {problem}; nothing was extracted")
+                raise ValueError(
+                    f"refusing to extract {Path(archive).name}: member "
+                    f"{member.name!r} {problem}; nothing was extracted"
+                )
         wanted = [m for m in members if m.isfile() and _WANTED_MEMBER.match(m.name)]
         # filter="data" (PEP 706) re-checks paths and drops modes/owners we do not want.
         tar.extractall(target, members=wanted, filter="data")

@@ -30,10 +30,10 @@ class StepNotRun(FileNotFoundError):
     shared file system the output may not be visible yet), whereas a ValueError means bad
     input and fails at once."""
 
-    def __init__(self, missing: object, step: str, *, again: bool = False,
-                 state: str = "is missing") -> None:
-        super().__init__(f"{missing} {state}: run the {step} step "
-                         f"{'again' if again else 'first'}")
+    def __init__(
+        self, missing: object, step: str, *, again: bool = False, state: str = "is missing"
+    ) -> None:
+        super().__init__(f"{missing} {state}: run the {step} step {'again' if again else 'first'}")
         self.missing, self.step = missing, step
 
 
@@ -63,5 +63,6 @@ def data_step(name: str) -> Step:
     for step in DATA_STEPS:
         if step.name == name:
             return step
-    raise ValueError(f"unknown data step {name!r}; expected one of "
-                     f"{', '.join(s.name for s in DATA_STEPS)}")
+    raise ValueError(
+        f"unknown data step {name!r}; expected one of {', '.join(s.name for s in DATA_STEPS)}"
+    )
