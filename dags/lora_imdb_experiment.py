@@ -65,6 +65,7 @@ from tasks.config import (
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
+    TRUNCATIONS,
     preset_config,
     schema_bounds,
 )
@@ -159,6 +160,13 @@ PARAMS: dict[str, Param] = {
     "max_length": Param(
         None, **_number("max_length"), title="Max tokens", section="Data subset",
         description=f"Tokens per review after truncation ({_range('max_length')})." + EMPTY,
+    ),
+    "truncation": Param(
+        None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
+        section="Data subset",
+        description="What an encoder reads of a review longer than Max tokens: head (its "
+                    "first tokens) or head_tail (its first quarter and last three quarters "
+                    "of the budget; Sun et al. 2019)." + EMPTY,
     ),
     "epochs": Param(
         None, **_number("epochs"), title="Epochs", section="Training",

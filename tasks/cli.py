@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks import registry
-from tasks.config import DEFAULT_PRESET, PRECISIONS, PRESETS, ExperimentConfig, preset_config
+from tasks.config import (
+    DEFAULT_PRESET,
+    PRECISIONS,
+    PRESETS,
+    TRUNCATIONS,
+    ExperimentConfig,
+    preset_config,
+)
 from tasks.paths import InUse, exclusive
 from tasks.registry import Variant
 from tasks.steps import DATA_STEPS, data_step
@@ -53,6 +60,8 @@ _FIELD_HELP = {
     "ranks": "comma-separated LoRA ranks, e.g. 4,8,16",
     "seeds": "comma-separated training seeds, e.g. 1,2,3",
     "precision": "auto (bf16 where the device has it natively), fp32, bf16 or fp16 (CUDA)",
+    "truncation": "what an encoder reads of a long review: head, or head_tail (first and last "
+                  "tokens)",
 }
 
 
@@ -68,6 +77,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="+")
         elif f.name == "precision":
             kwargs.update(choices=PRECISIONS)
+        elif f.name == "truncation":
+            kwargs.update(choices=TRUNCATIONS)
         elif "tuple[float" in str(f.type):
             kwargs.update(type=_numbers(float))
         elif "tuple[int" in str(f.type):

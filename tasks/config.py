@@ -15,6 +15,7 @@ from typing import Any
 
 from tasks import registry
 from tasks.registry import Variant
+from tasks.text import TRUNCATIONS  # noqa: F401  (the DAG's form reads it from here)
 
 TARGET_SETS = ("qkvo", "qv", "all-linear")  # named sets; lora_core resolves them per model
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -37,7 +38,7 @@ class ExperimentConfig:
     train_size: int
     val_size: int  # drawn from the training split, disjoint from the training subset
     test_size: int
-    max_length: int  # tokens per example after truncation
+    max_length: int  # tokens per example after truncation, special tokens included
     epochs: int
     methods: tuple[str, ...]  # registry names, run in registry order
     batch_size: int = 16
@@ -47,6 +48,7 @@ class ExperimentConfig:
     targets: tuple[str, ...] = ("qkvo",)  # a TARGET_SETS name or comma-separated module names
     seeds: tuple[int, ...] = (42,)
     precision: str = "auto"  # auto: bf16 autocast where the device has native bf16
+    truncation: str = "head"  # what an encoder reads of a long review: tasks.text.cut
     lora_alpha: float = 16.0  # scaling = alpha / r, as in the seed notebook (r=16, alpha=16)
     lora_dropout: float = 0.0
     weight_decay: float = 0.01
@@ -159,6 +161,8 @@ def _check(c: ExperimentConfig) -> None:
              f"{name} must be a{'n integer' if kind is int else ' number'} in {bounds}, "
              f"got {value!r}")
     need(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    need(c.truncation in TRUNCATIONS,
+         f"truncation must be one of {TRUNCATIONS}, got {c.truncation!r}")
     for name in LR_FIELDS:
         bad = [x for x in getattr(c, name) if not 0 < x < 1]
         need(not bad, f"{name} values must lie in (0, 1), got {bad}")

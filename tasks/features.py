@@ -6,7 +6,9 @@ embedded all-MiniLM-L6-v2) were trained on the masked mean of the last hidden st
 projection, so [CLS] or the pooler output says little there. DistilBERT/BERT checkpoints
 were pretrained with [CLS] as the sequence summary (Devlin et al. 2019, section 3), so they
 get position 0 of the last hidden state. `pooling_for` reads that decision from the
-model's own files, `encode` applies it.
+model's own files (zero-shot's embedding mode uses it), `encode` applies it. The linear
+probe does not presume: `encode_poolings` gives both poolings from one forward pass and
+the probe picks one by cross-validation on train.
 
 Input frames are token frames as `tasks.tokenize.load_split` returns them: `input_ids`
 (unpadded, special tokens included) and `length`.
@@ -109,35 +111,51 @@ def encode(encoder: torch.nn.Module, frame: pd.DataFrame, pooling: Pooling,
         batch_size: rows per forward pass; batches are sorted by length to cut padding.
         dtype: autocast dtype (None: fp32), see `tasks.evaluate.autocast_dtype`.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    return encode_poolings(encoder, frame, (pooling,), device, batch_size, dtype)[pooling]
+
+
+def encode_poolings(encoder: torch.nn.Module, frame: pd.DataFrame,
+                    poolings: tuple[Pooling, ...] = POOLINGS,
+                    device: str | torch.device = "cpu", batch_size: int = 64,
+                    dtype: torch.dtype | None = None) -> dict[Pooling, np.ndarray]:
+    """{pooling: (N, H) float32} from ONE forward pass over `frame`: every pooling reads
+    the same last hidden state, so comparing poolings costs no second encoding. Arguments
+    as for `encode`."""
+    for pooling in poolings:
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    if not poolings:
+        raise ValueError("no pooling asked for")
     if len(frame) == 0:
         raise ValueError("cannot encode an empty frame (0 rows)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids_col, pad = frame["input_ids"].tolist(), pad_id_of(encoder)
-    out: np.ndarray | None = None
+    out: dict[Pooling, np.ndarray] = {}
     with eval_mode(encoder):
         for idx in sorted_batches(frame["length"].to_numpy(), batch_size):
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
             ids, mask = ids.to(device), mask.to(device)
             with autocast(device, dtype):
                 hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            pooled = pool(hidden.float(), mask, pooling).cpu().numpy()  # (B, H)
-            if out is None:
-                out = np.empty((len(frame), pooled.shape[1]), dtype=np.float32)
-            out[idx] = pooled  # scatter back to frame order
-    assert out is not None
+            hidden = hidden.float()
+            for pooling in poolings:
+                pooled = pool(hidden, mask, pooling).cpu().numpy()  # (B, H)
+                if pooling not in out:
+                    out[pooling] = np.empty((len(frame), pooled.shape[1]), dtype=np.float32)
+                out[pooling][idx] = pooled  # scatter back to frame order
     return out
 
 
 def token_frame(tokenizer: Any, texts: list[str], max_length: int,
-                labels: np.ndarray | None = None) -> pd.DataFrame:
-    """A token frame (`input_ids`, `length`[, `label`]) for raw texts, truncated as the
-    tokenize step does, for callers that start from text rather than the run's cache."""
+                labels: np.ndarray | None = None, truncation: str = "head") -> pd.DataFrame:
+    """A token frame (`input_ids`, `length`[, `label`]) for raw texts, cut to `max_length`
+    by `truncation` (`head` | `head_tail`, see `tasks.text.cut`) as the tokenize step does,
+    for callers that start from text rather than the run's cache."""
     from tasks.tokenize import encode_texts
 
-    ids, _ = encode_texts(tokenizer, list(texts), max_length, desc="tokenize features")
+    ids, _ = encode_texts(tokenizer, list(texts), max_length, truncation,
+                          desc="tokenize features")
     frame = pd.DataFrame({"input_ids": ids, "length": np.fromiter(map(len, ids), np.int64,
                                                                   count=len(ids))})
     if labels is not None:

@@ -55,6 +55,8 @@ class MetricsRecord:
     validation_accuracy: float | None = None  # every choice is made on these
     validation_f1: float | None = None
     validation_examples: int | None = None
+    validation_loss: float | None = None  # log loss of P(positive): breaks accuracy ties
+    input_budget: dict[str, Any] | None = None  # what of a review it read (tasks.text)
     eval_history: list[dict[str, Any]] = field(default_factory=list)  # per epoch, validation
     loss_history: list[dict[str, Any]] = field(default_factory=list)  # per optimizer step
     # cost
@@ -144,6 +146,7 @@ class MetricsRecord:
         self.validation_accuracy = val_scores["accuracy"]
         self.validation_f1 = val_scores["f1"]
         self.validation_examples = val_scores["examples"]
+        self.validation_loss = log_loss(*validation)
         scores = classification_scores(test[0], predicted(test[1]))
         self.accuracy, self.f1 = scores["accuracy"], scores["f1"]
         self.accuracy_ci95 = scores["accuracy_ci95"]
@@ -181,6 +184,14 @@ def _fits(value: Any, annotation: str) -> bool:
 
 def predicted(prob_positive: np.ndarray) -> np.ndarray:
     return (np.asarray(prob_positive, dtype=np.float64) >= 0.5).astype(np.int64)
+
+
+def log_loss(labels: np.ndarray, prob_positive: np.ndarray) -> float:
+    """Mean binary cross-entropy, probabilities clipped to [1e-7, 1 - 1e-7] (a hard 0/1
+    baseline gets a large but finite loss)."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(prob_positive, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def bootstrap_accuracy_ci(correct: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float]:

@@ -35,6 +35,8 @@ class Method:
     artifact: the folder of results/<variant>/ its trained model is saved to.
     mergeable: its adaptation folds into the base weights (latency unmerged/merged/base).
     presets: the presets that run it by default (None: every preset).
+    reads: what of a review it reads: `labels` (no text), `whole` (every word), `encoder`
+        (the tokens the encoder reads: max_length and truncation). The report states it.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Method:
     artifact: str | None = None
     mergeable: bool = False
     presets: tuple[str, ...] | None = None
+    reads: Literal["labels", "whole", "encoder"] = "encoder"
 
     @property
     def module(self) -> str:
@@ -61,15 +64,19 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("majority", "baseline", "majority class", "#888888", False,
-           "the most frequent training label for every review: the floor"),
+           "the most frequent training label for every review: the floor", reads="labels"),
     Method("tfidf_logreg", "baseline", "TF-IDF + logistic regression", "#56B4E9", False,
-           "word uni- and bigrams, logistic regression with C chosen by cross-validation"),
+           "word uni- and bigrams, logistic regression with C chosen by cross-validation",
+           reads="whole"),
+    Method("tfidf_same_input", "baseline", "TF-IDF on the encoder's input", "#1F5F8B", False,
+           "the same TF-IDF model on exactly the tokens the encoder reads: what the input "
+           "budget alone is worth"),
     Method("zero_shot", "baseline", "zero-shot", "#009E73", True,
            "the pretrained model without IMDB labels: label descriptions or a cloze prompt"),
     Method("seed_heuristic", "baseline", "notebook heuristic", "#444444", True,
            "the seed notebook's sign of the summed [CLS] vector; not a classifier"),
     Method("linear_probe", "baseline", "linear probe", "#CC79A7", True,
-           "logistic regression on frozen encoder features, C chosen by cross-validation"),
+           "logistic regression on frozen encoder features, pooling and C chosen by CV on train"),
     Method("lora", "trained", "LoRA", "#0072B2", True,
            "low-rank adapters on the chosen projections, base frozen (Hu et al. 2021)",
            lr_field="lora_lr", dims=("rank", "targets", "lr", "seed"), artifact="adapter",

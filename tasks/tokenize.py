@@ -35,11 +35,11 @@ from tasks.environment import progress_disabled
 from tasks.metrics import now_iso
 from tasks.paths import SPLITS, RunPaths, atomic_dir, read_json, write_json
 from tasks.steps import StepNotRun
+from tasks.text import cut, head_tokens
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the stored layout changes: old caches then miss
-TRUNCATION = "longest_first"  # the tokenizer's strategy for a single sequence
+CACHE_FORMAT = 3  # bump when the stored layout changes: old caches then miss
 BATCH_SIZE = 2048  # texts per tokenizer call: Rust parallelism inside, bounded memory
 HISTOGRAM_BINS = 30
 LOCK_TIMEOUT_S = 3600.0  # a builder holding the lock longer than this is presumed stuck
@@ -62,8 +62,11 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def truncation_settings(tokenizer: Any) -> dict[str, Any]:
-    return {"strategy": TRUNCATION, "side": str(getattr(tokenizer, "truncation_side", "right")),
+def truncation_settings(tokenizer: Any, max_length: int, truncation: str) -> dict[str, Any]:
+    """What decides which tokens of a long review are kept (part of the cache key)."""
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    head = budget if truncation == "head" else min(head_tokens(budget), budget - 1)
+    return {"strategy": truncation, "head_tokens": head, "tail_tokens": budget - head,
             "add_special_tokens": True}
 
 
@@ -76,32 +79,40 @@ def cache_key(fingerprints: dict[str, str], identity: dict[str, str], max_length
 
 # --- tokenizing -------------------------------------------------------------------------------
 
-def encode_texts(tokenizer: Any, texts: list[str], max_length: int,
+def encode_texts(tokenizer: Any, texts: list[str], max_length: int, truncation: str = "head",
                  desc: str = "tokenize") -> tuple[list[list[int]], np.ndarray]:
-    """(truncated input ids with special tokens, pre-truncation lengths).
+    """(input ids with special tokens, at most `max_length`; full lengths before the cut).
 
-    One tokenizer call per batch: `return_overflowing_tokens` returns the truncated ids
-    (first chunk of each text, exactly what `truncation=True` gives) plus the cut-off
-    rest, from which the full length follows without tokenizing twice."""
-    n_special = tokenizer.num_special_tokens_to_add(pair=False)
+    Each batch is tokenized whole, without special tokens; `tasks.text.cut` keeps the
+    head (or head and tail) that fits beside the special tokens, which the tokenizer then
+    adds itself. For `head` this gives exactly what `truncation=True` gives."""
+    before, after = special_tokens_around(tokenizer)
+    n_special = len(before) + len(after)
+    budget = max_length - n_special
     ids: list[list[int]] = []
     full = np.zeros(len(texts), dtype=np.int64)
     for start in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, unit="batch", leave=False,
                       disable=progress_disabled()):
-        enc = tokenizer(texts[start:start + BATCH_SIZE], truncation=TRUNCATION,
-                        max_length=max_length, return_overflowing_tokens=True,
-                        return_attention_mask=False, return_token_type_ids=False)
-        owner = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
-        chunk_lengths = np.fromiter((len(c) for c in enc["input_ids"]), dtype=np.int64,
-                                    count=len(owner))
-        # every chunk carries the special tokens again; count them once per text
-        np.add.at(full, owner + start, chunk_lengths - n_special)
-        first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        ids.extend(enc["input_ids"][i] for i in first)
-    full += n_special
+        enc = tokenizer(texts[start:start + BATCH_SIZE], add_special_tokens=False,
+                        truncation=False, verbose=False, return_attention_mask=False,
+                        return_token_type_ids=False)
+        for i, row in enumerate(enc["input_ids"]):
+            full[start + i] = len(row) + n_special
+            ids.append(before + cut(row, budget, truncation) + after)
     if len(ids) != len(texts):
         raise RuntimeError(f"tokenizer returned {len(ids)} sequences for {len(texts)} texts")
     return ids, full
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens a single sequence gets before and after its text ([CLS], [SEP]
+    for BERT-family tokenizers), read off the tokenizer's own output for a one-token text
+    (transformers 5 tokenizers no longer expose build_inputs_with_special_tokens)."""
+    word = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a")["input_ids"]
+    assert len(word) == 1 and wrapped.count(word[0]) == 1, (word, wrapped)
+    at = wrapped.index(word[0])
+    return wrapped[:at], wrapped[at + 1:]
 
 
 def length_stats(full_lengths: np.ndarray, max_length: int) -> dict[str, Any]:
@@ -117,6 +128,8 @@ def length_stats(full_lengths: np.ndarray, max_length: int) -> dict[str, Any]:
         "min": int(lengths.min()),
         "truncated_share": float((lengths > max_length).mean()),
         "mean_after_truncation": float(np.minimum(lengths, max_length).mean()),
+        # the share of an average review's tokens the encoder reads
+        "mean_share_read": float((np.minimum(lengths, max_length) / np.maximum(lengths, 1)).mean()),
         "histogram": {"bin_edges": edges.tolist(), "counts": counts.tolist()},
     }
 
@@ -155,7 +168,7 @@ def _build(folder: Path, frames: dict[str, pd.DataFrame], tokenizer: Any, key: s
         for split in SPLITS:
             frame = frames[split]
             ids, full = encode_texts(tokenizer, frame["text"].astype(str).tolist(), max_length,
-                                     desc=f"tokenize {split}")
+                                     material["truncation"]["strategy"], desc=f"tokenize {split}")
             _write_split(tmp / f"{split}.parquet", ids, frame["label"].to_numpy())
             stats[split] = length_stats(full, max_length)
         meta = {"key": key, "format": CACHE_FORMAT, **material,
@@ -184,7 +197,7 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
     tokenizer = load_tokenizer(config.model)
     material = {"data": {s: data_fingerprint(frames[s]) for s in SPLITS},
                 "tokenizer": tokenizer_identity(tokenizer), "max_length": config.max_length,
-                "truncation": truncation_settings(tokenizer)}
+                "truncation": truncation_settings(tokenizer, config.max_length, config.truncation)}
     key = cache_key(material["data"], material["tokenizer"], config.max_length,
                     material["truncation"])
     root = tokenized_root(paths)
@@ -202,7 +215,7 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
         log.info("tokenization cache hit: %s", folder)
     return write_json(paths.tokens_json, {
         "key": key, "cache_dir": str(folder), "model": config.model, "tokenizer": meta["tokenizer"],
-        "max_length": meta["max_length"], "truncation": TRUNCATION,
+        "max_length": meta["max_length"], "truncation": config.truncation,
         "truncation_settings": meta["truncation"], "stats": meta["stats"], "cache_hit": hit,
         "rows": meta["rows"], "build_seconds": meta["build_seconds"],
         "seconds": round(time.perf_counter() - started, 3),

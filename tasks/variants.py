@@ -24,8 +24,9 @@ from tasks import registry
 from tasks.config import ExperimentConfig
 from tasks.job import Job, NotApplicable
 from tasks.metrics import MetricsRecord
-from tasks.paths import RunPaths, exclusive
+from tasks.paths import RunPaths, exclusive, read_json
 from tasks.registry import Variant
+from tasks.text import input_budget
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
 def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
          paths: RunPaths, device: str | None) -> Path:
     record = MetricsRecord.start(variant, config.model, config.preset)
+    record.input_budget = input_budget(
+        method.reads, read_json(paths.tokens_json) if paths.tokens_json.exists() else None)
     try:
         module = importlib.import_module(method.module)
         with _device(method.uses_encoder, device) as leased:

@@ -4,7 +4,6 @@ C is chosen by cross-validation on the training subset only."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,19 @@ from tasks.paths import atomic_dir, write_json
 C_GRID = (1.0, 4.0, 10.0)  # inverse regularisation
 CV_FOLDS = 5
 LATENCY_EXAMPLES = 32  # batch-1 latency over this many test rows, as for the encoders
-_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)  # IMDB's line breaks are literal HTML
-
-
-def strip_breaks(text: str) -> str:
-    """The vectorizer's preprocessor: IMDB's `<br />` tags out, lower case (a custom
-    preprocessor replaces sklearn's own lowercasing)."""
-    return _BREAK.sub(" ", text).lower()
+SPLITS = ("train", "validation", "test")
 
 
 def predict(job: Job) -> Predictions:
+    """Whole reviews (as normalised by the download step)."""
+    texts = {s: pd.read_parquet(job.paths.split_parquet(s), columns=["text", "label"])
+             for s in SPLITS}
+    return fit_predict(job, texts)
+
+
+def fit_predict(job: Job, texts: dict[str, pd.DataFrame]) -> Predictions:
+    """Fit on `texts["train"]` (columns text, label), choose C by cross-validation there,
+    and return P(positive) of the validation and test texts."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
@@ -35,20 +37,18 @@ def predict(job: Job) -> Predictions:
 
     from tasks.evaluate import PeakMemory
 
-    texts = {s: pd.read_parquet(job.paths.split_parquet(s), columns=["text", "label"])
-             for s in ("train", "validation", "test")}
     y = texts["train"]["label"].to_numpy()
     counts = np.bincount(y, minlength=2)
     if counts.min() < 2:
-        raise ValueError(f"tfidf_logreg needs at least 2 training reviews of each label, "
+        raise ValueError(f"{job.variant.method} needs at least 2 training reviews of each label, "
                          f"got {counts.tolist()}")
     folds = min(CV_FOLDS, int(counts.min()))
     # One BLAS/OpenMP thread: these sparse fits gain nothing from more, and with other
     # tasks on the host, idle-spinning BLAS threads made the CV search 10x slower.
     with threadpool_limits(limits=1), PeakMemory("cpu") as memory:
         started = time.perf_counter()
-        vectorizer = TfidfVectorizer(preprocessor=strip_breaks, ngram_range=(1, 2), min_df=2,
-                                     sublinear_tf=True, dtype=np.float32)
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True,
+                                     dtype=np.float32)
         features = vectorizer.fit_transform(texts["train"]["text"].tolist())
         # The vocabulary is fitted on all of train before CV: the idf leaks across folds,
         # which only matters for choosing C; validation and test are never seen here.
@@ -73,7 +73,7 @@ def predict(job: Job) -> Predictions:
         _save(tmp, vectorizer, model)
     record = job.record
     record.hyperparameters.update(
-        ngram_range=[1, 2], min_df=2, sublinear_tf=True, preprocess="strip <br />, lower case",
+        ngram_range=[1, 2], min_df=2, sublinear_tf=True, preprocess="lower case",
         C_grid=list(C_GRID), cv_folds=folds, solver="lbfgs", max_iter=1000,
         C=float(search.best_params_["C"]), vocabulary_size=len(vectorizer.vocabulary_))
     record.details["cv_accuracy"] = float(search.best_score_)

@@ -10,18 +10,21 @@ Two modes, by what the pretrained model can do without a task head:
 - "cloze" (checkpoints with a masked-LM head, e.g. distilbert-base-uncased): the prompt
   "<review> It was [MASK]." and two label words; P(positive) = softmax over the two words'
   logits at the mask (Schick & Schütze 2021, PET). The review, not the prompt, is cut so
-  the sequence fits `max_length`.
+  the sequence fits `max_length`. A label word that is not one token of the model's
+  vocabulary has no single logit: its alternative is skipped, and the record says so.
+
+Both modes read what the trained encoders read: the normalised text (`tasks.text`), cut
+to the run's `max_length` by its `truncation` (`head` or `head_tail`).
 
 A few prompt alternatives are fixed below; `choose_and_score` picks one by validation
 accuracy and scores the test texts once with it: the prompt is a choice, and choices are
-made on validation only. The seed notebook's "zero-shot" (`seed_heuristic`) is not this:
+made on validation only (the report's row says on how many labels). The seed notebook's "zero-shot" (`seed_heuristic`) is not this:
 it thresholds the summed [CLS] state of the encoder and is not a classifier.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 from tasks.evaluate import autocast, eval_mode, pad_batch, sorted_batches
+from tasks.text import cut, describe, normalise
+from tasks.tokenize import special_tokens_around
 
 if TYPE_CHECKING:
     from tasks.job import Job, Predictions
@@ -38,7 +43,6 @@ Mode = Literal["embedding", "cloze"]
 TEMPERATURE = 0.05  # 1 / the MultipleNegativesRankingLoss scale (20) of sentence-transformers
 MASK = "{mask}"
 REVIEW = "{review}"
-_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)  # IMDB's line breaks are literal HTML
 
 # name -> (negative description, positive description)
 EMBEDDING_ALTERNATIVES: dict[str, tuple[str, str]] = {
@@ -71,6 +75,7 @@ class ZeroShotResult:
     prob_positive: np.ndarray  # test texts, in their order, scored once with `chosen`
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # model loading excluded
+    skipped: dict[str, str] = field(default_factory=dict)  # alternative -> why left out
 
 
 # --- which mode ---------------------------------------------------------------------------------
@@ -125,20 +130,17 @@ def load_zero_shot_model(model_source: str, mode: Mode) -> torch.nn.Module:
     return loader.from_pretrained(name, local_files_only=local).eval()
 
 
-def clean(text: str) -> str:
-    """IMDB's `<br />` tags out; case is left to the tokenizer."""
-    return _BREAK.sub(" ", text)
-
-
 # --- embedding mode -------------------------------------------------------------------------------
 
 def embed(encoder: torch.nn.Module, tokenizer: Any, texts: list[str], pooling: str,
           max_length: int, device: str | torch.device = "cpu", batch_size: int = 64,
-          dtype: torch.dtype | None = None) -> np.ndarray:
-    """L2-normalised pooled embeddings (N, H) of `texts`, each truncated to `max_length`."""
+          dtype: torch.dtype | None = None, truncation: str = "head") -> np.ndarray:
+    """L2-normalised pooled embeddings (N, H) of `texts`, each normalised and cut to
+    `max_length` tokens by `truncation`, as the tokenize step cuts the trained methods'."""
     from tasks.features import encode, token_frame
 
-    frame = token_frame(tokenizer, [clean(t) for t in texts], max_length)
+    frame = token_frame(tokenizer, [normalise(t) for t in texts], max_length,
+                        truncation=truncation)
     vectors = encode(encoder, frame, pooling, device, batch_size, dtype)  # type: ignore[arg-type]
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
 
@@ -165,22 +167,24 @@ def label_word_id(tokenizer: Any, word: str) -> int:
     return int(ids[0])
 
 
-def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens a single sequence gets before and after its text ([CLS], [SEP]
-    for BERT-family tokenizers), read off the tokenizer's own output for a one-token text
-    (transformers 5 tokenizers no longer expose build_inputs_with_special_tokens)."""
-    word = tokenizer("a", add_special_tokens=False)["input_ids"]
-    wrapped = tokenizer("a")["input_ids"]
-    assert len(word) == 1 and wrapped.count(word[0]) == 1, (word, wrapped)
-    at = wrapped.index(word[0])
-    return wrapped[:at], wrapped[at + 1:]
+def usable_clozes(tokenizer: Any, alternatives: dict[str, Cloze]
+                  ) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """({name: (negative id, positive id)} of the alternatives whose two label words are
+    single known tokens, {name: why not} of the others), in the order given."""
+    usable: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {}
+    for name, cloze in alternatives.items():
+        try:
+            usable[name] = (label_word_id(tokenizer, cloze.negative),
+                            label_word_id(tokenizer, cloze.positive))
+        except ValueError as err:
+            skipped[name] = str(err)
+    return usable, skipped
 
 
-def cloze_inputs(tokenizer: Any, texts: list[str], template: str,
-                 max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """(input ids with special tokens, mask position) per text. The review is truncated
-    (its end cut) so that review + prompt + special tokens fit `max_length`; the prompt is
-    never cut."""
+def cloze_prompt(tokenizer: Any, template: str, max_length: int) -> tuple[list[int], int]:
+    """(the prompt's token ids, how many review tokens fit beside it and the special
+    tokens in `max_length`)."""
     if not template.startswith(REVIEW) or template.count(MASK) != 1:
         raise ValueError(f"cloze template {template!r} must start with {REVIEW} and hold "
                          f"exactly one {MASK}")
@@ -192,14 +196,23 @@ def cloze_inputs(tokenizer: Any, texts: list[str], template: str,
     if budget < 1:
         raise ValueError(f"max_length {max_length} leaves no room for a review next to the "
                          f"prompt {suffix!r} ({len(prompt)} tokens + special tokens)")
+    return prompt, budget
+
+
+def cloze_inputs(tokenizer: Any, texts: list[str], template: str, max_length: int,
+                 truncation: str = "head") -> tuple[list[list[int]], np.ndarray]:
+    """(input ids with special tokens, mask position) per text. The normalised review is
+    cut by `truncation` (`tasks.text.cut`: its head, or its head and tail) so that review +
+    prompt + special tokens fit `max_length`; the prompt is never cut."""
+    prompt, budget = cloze_prompt(tokenizer, template, max_length)
     # a literal "[MASK]" inside a review would be read as the mask token: drop it
-    reviews = [clean(t).replace(tokenizer.mask_token, " ") for t in texts]
-    encoded = tokenizer(reviews, add_special_tokens=False, truncation=True,
-                        max_length=budget)["input_ids"]
+    reviews = [normalise(t).replace(tokenizer.mask_token, " ") for t in texts]
+    encoded = tokenizer(reviews, add_special_tokens=False, truncation=False,
+                        verbose=False)["input_ids"]
     before, after = special_tokens_around(tokenizer)
     ids, positions = [], np.empty(len(texts), dtype=np.int64)
     for i, review in enumerate(encoded):
-        row = before + review + prompt + after
+        row = before + cut(review, budget, truncation) + prompt + after
         # the prompt's mask is the row's last one: reviews hold none, the prompt exactly one
         positions[i] = len(row) - 1 - row[::-1].index(tokenizer.mask_token_id)
         assert len(row) <= max_length, (len(row), max_length)
@@ -209,11 +222,12 @@ def cloze_inputs(tokenizer: Any, texts: list[str], template: str,
 
 def cloze_probabilities(model: torch.nn.Module, tokenizer: Any, texts: list[str], cloze: Cloze,
                         max_length: int, device: str | torch.device = "cpu",
-                        batch_size: int = 16, dtype: torch.dtype | None = None) -> np.ndarray:
+                        batch_size: int = 16, dtype: torch.dtype | None = None,
+                        truncation: str = "head") -> np.ndarray:
     """P(positive) per text: softmax over the logits of the two label words at the mask.
     Batches are small by default: the MLM head returns (B, T, vocab) logits."""
     word_ids = [label_word_id(tokenizer, cloze.negative), label_word_id(tokenizer, cloze.positive)]
-    ids_col, positions = cloze_inputs(tokenizer, texts, cloze.template, max_length)
+    ids_col, positions = cloze_inputs(tokenizer, texts, cloze.template, max_length, truncation)
     pad = tokenizer.pad_token_id or 0
     out = np.empty(len(texts), dtype=np.float64)
     with eval_mode(model):
@@ -231,13 +245,16 @@ def cloze_probabilities(model: torch.nn.Module, tokenizer: Any, texts: list[str]
 
 def choose_and_score(model_source: str, validation_texts: list[str],
                      validation_labels: np.ndarray, test_texts: list[str], *,
-                     max_length: int = 128, device: str | torch.device = "cpu",
-                     batch_size: int | None = None,
+                     max_length: int = 128, truncation: str = "head",
+                     device: str | torch.device = "cpu", batch_size: int | None = None,
                      dtype: torch.dtype | None = None) -> ZeroShotResult:
     """Score every fixed alternative of the model's mode on the validation texts, pick the
     most accurate (ties: the first listed), then score the test texts once with it.
-    Test labels are never an input. ValueError when the model has no zero-shot mode."""
+    Test labels are never an input. ValueError when the model has no zero-shot mode;
+    NotApplicable when no cloze alternative's label words are single tokens of its
+    tokenizer (those that are not are skipped and listed in `skipped`)."""
     from tasks.features import pooling_for
+    from tasks.job import NotApplicable
     from tasks.models import load_tokenizer
 
     mode, reason = zero_shot_mode(model_source)
@@ -248,18 +265,26 @@ def choose_and_score(model_source: str, validation_texts: list[str],
         raise ValueError(f"need one label per validation text and at least one text, got "
                          f"{len(labels)} labels for {len(validation_texts)} texts")
     tokenizer = load_tokenizer(model_source)
+    skipped: dict[str, str] = {}
+    if mode == "cloze":
+        usable, skipped = usable_clozes(tokenizer, CLOZE_ALTERNATIVES)
+        if not usable:
+            raise NotApplicable("no cloze prompt is usable: " + "; ".join(
+                f"'{name}': {why}" for name, why in skipped.items()))
+        clozes = {name: CLOZE_ALTERNATIVES[name] for name in usable}
     model = load_zero_shot_model(model_source, mode).to(device)
     started = time.perf_counter()
     accuracy: dict[str, float] = {}
     val_prob: dict[str, np.ndarray] = {}
     hyper: dict[str, Any] = {"mode": mode, "mode_reason": reason, "max_length": max_length,
-                             "selection": "validation accuracy"}
+                             "truncation": truncation, "selection": "validation accuracy"}
     if mode == "embedding":
         pooling = pooling_for(model_source)
         batch = batch_size or 64
 
         def vectors(texts: list[str]) -> np.ndarray:
-            return embed(model, tokenizer, texts, pooling, max_length, device, batch, dtype)
+            return embed(model, tokenizer, texts, pooling, max_length, device, batch, dtype,
+                         truncation)
 
         val = vectors(validation_texts)
         described = {n: vectors(list(pair)) for n, pair in EMBEDDING_ALTERNATIVES.items()}
@@ -274,28 +299,40 @@ def choose_and_score(model_source: str, validation_texts: list[str],
                      alternatives={n: list(p) for n, p in EMBEDDING_ALTERNATIVES.items()})
     else:
         batch = batch_size or 16
-        for name, cloze in CLOZE_ALTERNATIVES.items():
+        for name, cloze in clozes.items():
             val_prob[name] = cloze_probabilities(model, tokenizer, validation_texts, cloze,
-                                                 max_length, device, batch, dtype)
+                                                 max_length, device, batch, dtype, truncation)
             accuracy[name] = float(((val_prob[name] >= 0.5) == labels).mean())
         chosen = max(accuracy, key=accuracy.__getitem__)
-        pick = CLOZE_ALTERNATIVES[chosen]
+        pick = clozes[chosen]
         prob_test = cloze_probabilities(model, tokenizer, test_texts, pick, max_length, device,
-                                        batch, dtype)
+                                        batch, dtype, truncation)
         hyper.update(template=pick.template, label_words=[pick.negative, pick.positive],
-                     truncation="review cut at its end; prompt kept whole",
+                     prompt="kept whole; the review is cut to fit beside it",
+                     review_tokens=cloze_prompt(tokenizer, pick.template, max_length)[1],
                      alternatives={n: [c.template, c.negative, c.positive]
-                                   for n, c in CLOZE_ALTERNATIVES.items()})
+                                   for n, c in clozes.items()})
+        if skipped:
+            hyper["skipped_alternatives"] = dict(skipped)
     hyper.update(chosen=chosen, validation_accuracy=accuracy, batch_size=batch,
                  validation_examples=len(labels))
     return ZeroShotResult(mode, chosen, accuracy, val_prob[chosen], prob_test, hyper,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, skipped)
+
+
+def row_label(method_label: str, alternatives: int, validation_labels: int) -> str:
+    """What the report's row says was done: `zero-shot (prompt chosen on 500 validation
+    labels)`; with a single usable alternative nothing was chosen."""
+    if alternatives > 1:
+        return f"{method_label} (prompt chosen on {validation_labels:,} validation labels)"
+    return f"{method_label} (one prompt, no choice on validation)"
 
 
 def predict(job: Job) -> Predictions:
     """The method's entry point: not applicable without a zero-shot reading of the model."""
     import pandas as pd
 
+    from tasks import registry
     from tasks.evaluate import PeakMemory
     from tasks.job import NotApplicable, Predictions
 
@@ -308,19 +345,31 @@ def predict(job: Job) -> Predictions:
         result = choose_and_score(job.config.model, frames["validation"]["text"].tolist(),
                                   frames["validation"]["label"].to_numpy(),
                                   frames["test"]["text"].tolist(),
-                                  max_length=job.config.max_length, device=job.device,
+                                  max_length=job.config.max_length,
+                                  truncation=job.config.truncation, device=job.device,
                                   dtype=job.dtype)
     record = job.record
     record.hyperparameters.update(result.hyperparameters)
     record.params_trainable = 0
     record.eval_seconds = result.seconds
     record.peak_memory_bytes, record.peak_memory_kind = memory.peak_bytes, memory.kind
-    scored = len(frames["test"]) + len(frames["validation"]) * len(result.validation_accuracy)
+    tried, n_labels = len(result.validation_accuracy), len(frames["validation"])
+    scored = len(frames["test"]) + n_labels * tried
     record.details["inference_batch_ms_per_example"] = 1000.0 * result.seconds / scored
     record.details["chosen"] = result.chosen
+    record.details["prompt_choice"] = {"alternatives": tried, "validation_labels": n_labels,
+                                       "skipped": sorted(result.skipped)}
+    if result.mode == "cloze" and record.input_budget:  # the prompt takes part of the budget
+        review = describe(result.hyperparameters["review_tokens"], job.config.truncation, 0)
+        record.input_budget = {**record.input_budget, "text": f"{review}, beside the prompt"}
+    record.details["row_label"] = row_label(registry.method(job.variant.method).label, tried,
+                                            n_labels)
     what = ("the review's embedding against one description per label"
             if result.mode == "embedding" else "a cloze prompt's label words")
     record.notes = (f"No IMDB labels used for training: {what} (alternative "
-                    f"'{result.chosen}', chosen by validation accuracy among "
-                    f"{len(result.validation_accuracy)}).")
+                    f"'{result.chosen}', chosen by accuracy on {n_labels:,} validation labels "
+                    f"among {tried}).")
+    if result.skipped:
+        record.notes += " Skipped: " + "; ".join(f"'{name}' ({why})"
+                                                 for name, why in result.skipped.items()) + "."
     return Predictions(result.prob_validation, result.prob_positive)

@@ -132,7 +132,7 @@ def _summary(run: StoredRun, head: dict[str, Any], prov: dict[str, Any]) -> dict
         "model": config.get("model"), "started_at": prov["started_at"],
         "finished_at": prov["finished_at"], "headline": " ".join(head["sentences"]),
         "selection": "validation", "selected": head["selected"],
-        "comparison": head["comparison"], "counts": head["counts"],
+        "comparison": head["comparison"], "claims": head["claims"], "counts": head["counts"],
         "random_weights": head["banner"] is not None,
     })
 

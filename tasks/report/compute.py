@@ -20,13 +20,17 @@ import numpy as np
 
 from tasks import registry
 from tasks.config import RANDOM_MODELS
-from tasks.metrics import MetricsRecord
+from tasks.metrics import MetricsRecord, bootstrap_accuracy_ci
 from tasks.registry import Variant, format_lr
-from tasks.report.format import fmt_acc, fmt_pct, fmt_points
+from tasks.report.format import fmt_acc, fmt_p, fmt_pct, fmt_points
 from tasks.report.load import StoredRun
-from tasks.report.stats import mcnemar, paired_bootstrap, welch
+from tasks.report.stats import holm, mcnemar, paired_bootstrap, welch
 
 ERROR_IN_HEADLINE = 200  # characters of an error message quoted in the verdict
+ALPHA = 0.05  # family-wise error rate of the verdict's claims (Holm)
+BOOTSTRAP_RESAMPLES = 10_000  # enough for p-values near ALPHA / (family size)
+NOT_COMPARED = ("majority", "seed_heuristic")  # the floor has its own rule; the heuristic
+# is no classifier
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -62,9 +66,12 @@ def aggregate(records: list[MetricsRecord]) -> dict[str, Any]:
     trainable, total = mean("params_trainable"), mean("params_total")
     single_ci = ok[0].accuracy_ci95 if len(ok) == 1 and ok[0].accuracy_ci95 else [None, None]
     method = registry.METHODS.get(first.method)
+    # a method may name what it did in `details["row_label"]` (zero-shot: its prompt choice)
+    own_label = next((r.details["row_label"] for r in ok if r.details.get("row_label")), None)
     return {
         "name": variant.config_name if variant and len(records) > 1 else first.variant,
-        "label": variant.label(seed=len(records) == 1) if variant else first.variant,
+        "label": own_label or (variant.label(seed=len(records) == 1) if variant
+                               else first.variant),
         "method": first.method,
         "method_label": method.label if method else first.method,
         "variants": [r.variant for r in records],
@@ -76,6 +83,10 @@ def aggregate(records: list[MetricsRecord]) -> dict[str, Any]:
         "validation_accuracy": mean("validation_accuracy"),
         "validation_sd": _sd([r.validation_accuracy for r in ok]),
         "validation_examples": ok[0].validation_examples if ok else None,
+        "validation_loss": mean("validation_loss"),
+        "input": (first.input_budget or {}).get("text"),
+        "input_cut_share": (first.input_budget or {}).get("cut_share"),
+        "input_share_read": (first.input_budget or {}).get("mean_share_read"),
         "accuracy": mean("accuracy"), "accuracy_sd": _sd([r.accuracy for r in ok]),
         "accuracy_ci_low": single_ci[0], "accuracy_ci_high": single_ci[1],
         "f1": mean("f1"),
@@ -131,16 +142,28 @@ def configurations(run: StoredRun) -> list[Configuration]:
 
 
 def select(configs: list[Configuration]) -> dict[str, Configuration]:
-    """Per method, the configuration with the highest mean validation accuracy (ties: the
-    fewest trainable parameters, then the name). Test accuracy plays no part."""
+    """Per method, the eligible configuration with the highest mean validation accuracy;
+    ties go to the lower mean validation loss, then the fewer trainable parameters, then
+    the name. A configuration with a seed that did not finish is not eligible (its mean
+    would be of the lucky survivors); its row says so. Test accuracy plays no part."""
     chosen: dict[str, Configuration] = {}
+
+    def key(c: Configuration) -> tuple:
+        loss = c.row["validation_loss"]
+        return (-round(c.row["validation_accuracy"], 12), math.inf if loss is None else loss,
+                c.row["params_trainable"] or 0, c.name)
+
     for c in configs:
         if c.row["validation_accuracy"] is None or c.method not in registry.METHODS:
             continue  # a folder of no known method (listed with its problem) is never chosen
+        unfinished = [r for r in c.records if not r.ok]
+        if unfinished:
+            c.row["ineligible"] = ("not eligible for selection: " + ", ".join(
+                f"{f'seed {r.seed}' if r.seed is not None else r.variant} {r.status}"
+                for r in unfinished))
+            continue
         best = chosen.get(c.method)
-        key = (-c.row["validation_accuracy"], c.row["params_trainable"] or 0, c.name)
-        if best is None or key < (-best.row["validation_accuracy"],
-                                  best.row["params_trainable"] or 0, best.name):
+        if best is None or key(c) < key(best):
             chosen[c.method] = c
     for c in chosen.values():
         c.selected = True
@@ -174,7 +197,8 @@ def compare(run: StoredRun, a: Configuration, b: Configuration) -> dict[str, Any
         return None
     out: dict[str, Any] = {"a": a.name, "b": b.name, "rows": int(ca.shape[1]),
                            "seeds": [len(ca), len(cb)],
-                           "bootstrap": paired_bootstrap(ca.mean(axis=0), cb.mean(axis=0))}
+                           "bootstrap": paired_bootstrap(ca.mean(axis=0), cb.mean(axis=0),
+                                                         n_boot=BOOTSTRAP_RESAMPLES)}
     if len(ca) == 1 and len(cb) == 1:
         out["mcnemar"] = mcnemar(ca[0], cb[0])
     if len(ca) > 1 and len(cb) > 1:
@@ -206,6 +230,71 @@ def _describe(c: Configuration, among: int) -> str:
     return text
 
 
+def claim_test(cmp: dict[str, Any]) -> tuple[str, float]:
+    """The test a comparison's sentence rests on, and its p-value: McNemar's for one seed
+    each; otherwise the paired bootstrap over test reviews on seed-averaged correctness,
+    and where both sides have two seeds or more also Welch's t-test across seeds (the
+    larger p: both test-set and training noise must be ruled out)."""
+    if "mcnemar" in cmp:
+        return "McNemar's test", cmp["mcnemar"]["p_value"]
+    p = cmp["bootstrap"]["p_value"]
+    welch_p = (cmp.get("welch") or {}).get("p_value")
+    if welch_p is not None:
+        return "paired bootstrap and Welch's t-test across seeds", max(p, welch_p)
+    return "paired bootstrap over test reviews", p
+
+
+def claims(run: StoredRun, chosen: dict[str, Configuration]) -> list[dict[str, Any]]:
+    """Every comparison the verdict may put in words: LoRA against full fine-tuning, and
+    each baseline against each selected trained method, each a paired test on the same
+    test reviews, Holm-adjusted over the whole family."""
+    trained = [c for m, c in chosen.items() if registry.method(m).trained]
+    baselines = [c for m, c in chosen.items()
+                 if not registry.method(m).trained and m not in NOT_COMPARED]
+    pairs = [(b, t) for b in baselines for t in trained]
+    if "lora" in chosen and "full_finetune" in chosen:
+        pairs.insert(0, (chosen["lora"], chosen["full_finetune"]))
+    out = []
+    for a, b in pairs:
+        cmp = compare(run, a, b)
+        if cmp is not None:
+            test, p = claim_test(cmp)
+            out.append({"a": a, "b": b, "comparison": cmp, "test": test, "p_value": p})
+    for claim, adjusted in zip(out, holm([c["p_value"] for c in out])):
+        claim["p_holm"] = adjusted
+        claim["significant"] = adjusted < ALPHA
+        claim["sentence"] = _claim_sentence(claim, len(out))
+    return out
+
+
+def _claim_sentence(claim: dict[str, Any], family: int) -> str:
+    a, b = claim["a"], claim["b"]
+    high, low = (a, b) if a.row["accuracy"] >= b.row["accuracy"] else (b, a)
+    stat = (f"{claim['test']}, Holm-adjusted {fmt_p(claim['p_holm'])} over {family} "
+            f"comparison{'s' if family > 1 else ''}")
+
+    def name(c: Configuration) -> str:
+        return f"{c.row['method_label']} ({fmt_acc(c.row['accuracy'])})"
+
+    if not claim["significant"]:
+        return f"{name(high)} is within test noise of {name(low)} ({stat})."
+    text = f"{name(high)} beat {name(low)} on test ({stat})"
+    more, less = high.row["input_share_read"], low.row["input_share_read"]
+    if more is not None and less is not None and more > less + 1e-9:
+        text += (f", with more of each review to read: {high.row['input']} against "
+                 f"{low.row['input']}")
+    return text + "."
+
+
+def floor_interval(run: StoredRun, c: Configuration) -> list[float] | None:
+    """95% bootstrap interval of a configuration's test accuracy: its stored one for a
+    single seed, else over test reviews of the seed-averaged correctness."""
+    if c.row["n"] == 1 and c.row["accuracy_ci_low"] is not None:
+        return [c.row["accuracy_ci_low"], c.row["accuracy_ci_high"]]
+    correct = _correct(run, c)
+    return None if correct is None else bootstrap_accuracy_ci(correct.mean(axis=0))
+
+
 def headline(run: StoredRun, configs: list[Configuration],
              chosen: dict[str, Configuration]) -> dict[str, Any]:
     counts: dict[str, int] = {}
@@ -214,13 +303,15 @@ def headline(run: StoredRun, configs: list[Configuration],
     model = (run.config or {}).get("model")
     out: dict[str, Any] = {
         "counts": counts, "sentences": [], "details": [], "comparison": None, "kpis": [],
+        "claims": [],
         "banner": (f"{model} has random weights: this run checks the plumbing, and its numbers "
                    "say nothing about the methods.") if model in RANDOM_MODELS else None,
         "selected": {m: {"configuration": c.name, "label": c.row["label"],
                          "validation_accuracy": c.row["validation_accuracy"],
                          "validation_sd": c.row["validation_sd"],
                          "accuracy": c.row["accuracy"], "accuracy_sd": c.row["accuracy_sd"],
-                         "seeds": c.row["n"]} for m, c in chosen.items()},
+                         "seeds": c.row["n"], "input": c.row["input"]}
+                     for m, c in chosen.items()},
     }
     if not any(r.ok for r in run.records):
         tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no variants stored"
@@ -230,16 +321,22 @@ def headline(run: StoredRun, configs: list[Configuration],
     among = {m: sum(1 for c in configs if c.method == m and c.row["validation_accuracy"]
                     is not None) for m in chosen}
 
-    majority = chosen.get("majority")
-    trained = [r for c in configs if registry.METHODS.get(c.method, None) is not None
-               and registry.method(c.method).trained for r in c.ok]
-    if majority and trained:
-        floor = majority.row["accuracy"]
-        if not any((r.accuracy_ci95 or [0, 0])[0] > floor for r in trained):
+    trained = [c for m, c in chosen.items() if registry.method(m).trained]
+    if trained:
+        majority = chosen.get("majority")
+        floor = max(0.5, majority.row["accuracy"]) if majority else 0.5
+        what = ("the larger of the majority baseline and chance" if majority else "chance")
+        intervals = [floor_interval(run, c) for c in trained]
+        if not any(ci is not None and ci[0] > floor for ci in intervals):
             out["sentences"].append(
-                f"No trained model beat the majority baseline ({fmt_acc(floor)} on test): "
-                "the 95% interval of every trained variant reaches down to it or below.")
+                f"No selected trained configuration beat the majority floor ({fmt_acc(floor)} "
+                f"on test, {what}): the 95% interval of each reaches down to it or below.")
 
+    family = claims(run, chosen)
+    out["claims"] = [{"a": c["a"].name, "b": c["b"].name, "test": c["test"],
+                      "p_value": c["p_value"], "p_holm": c["p_holm"],
+                      "significant": c["significant"], "sentence": c["sentence"]}
+                     for c in family]
     lora, full = chosen.get("lora"), chosen.get("full_finetune")
     if lora and full:
         share = lora.row["trainable_share"]
@@ -252,6 +349,8 @@ def headline(run: StoredRun, configs: list[Configuration],
         if out["comparison"] is None:
             out["details"].append("No paired test: the test predictions of both selected "
                                   "configurations are not all available.")
+        else:
+            out["sentences"].append(family[0]["sentence"])
     elif lora or full:
         missing = "full_finetune" if lora else "lora"
         present = lora or full
@@ -262,23 +361,48 @@ def headline(run: StoredRun, configs: list[Configuration],
         out["sentences"].append("No comparison of LoRA and full fine-tuning could be made: "
                                 + "; ".join(reasons) + ".")
 
-    targets = [c for c in (lora, full) if c]
-    for m, c in chosen.items():
-        # the notebook heuristic is no classifier: the majority sentence covers it
-        if registry.method(m).trained or m in ("majority", "seed_heuristic") or not targets:
+    # a baseline at or above a trained method is news: the headline says it, tested
+    for c in family:
+        if registry.method(c["a"].method).trained:  # LoRA against full fine-tuning: above
             continue
-        beaten = [t for t in targets if c.row["accuracy"] > t.row["accuracy"]]
-        if beaten:
-            names = " and ".join(registry.method(t.method).label for t in beaten)
-            out["sentences"].append(f"The {c.row['method_label']} baseline "
-                                    f"({fmt_acc(c.row['accuracy'])}) beat {names} on test.")
+        if c["a"].row["accuracy"] >= c["b"].row["accuracy"] or c["significant"]:
+            (out["sentences"] if c["a"].row["accuracy"] >= c["b"].row["accuracy"]
+             else out["details"]).append(c["sentence"])
 
     for m, c in chosen.items():
         out["kpis"].append({"method": m, "value": fmt_acc(c.row["accuracy"]),
                             "label": c.row["label"] + (f" · {c.row['n']} seeds"
                                                        if c.row["n"] > 1 else "")})
     out["details"].insert(0, _selection_note(run, among))
+    if family:
+        out["details"].insert(1, (
+            f"Every comparison in words is a paired test on the same "
+            f"{family[0]['comparison']['rows']:,} test reviews, Holm-corrected over the family "
+            f"of {len(family)} (each baseline against each selected trained method, and LoRA "
+            f"against full fine-tuning): \"beat\" means an adjusted p below {ALPHA:g}, "
+            "otherwise \"within test noise of\"."))
+    budgets = _input_note(chosen)
+    if budgets:
+        out["details"].insert(1, budgets)
     return out
+
+
+def _input_note(chosen: dict[str, Configuration]) -> str | None:
+    """`Input: LoRA, full fine-tuning read the first 32 and last 94 tokens (89% of test
+    reviews are longer); TF-IDF + logistic regression reads the whole review.`"""
+    groups: dict[str, list[Configuration]] = {}
+    for c in chosen.values():
+        if c.row["input"]:
+            groups.setdefault(c.row["input"], []).append(c)
+    if len(groups) < 1:
+        return None
+    parts = []
+    for text, cs in groups.items():
+        names = ", ".join(c.row["method_label"] for c in cs)
+        cut = cs[0].row["input_cut_share"]
+        parts.append(f"{names}: {text}" + (f" ({fmt_pct(cut)} of test reviews are longer)"
+                                           if cut else ""))
+    return "Input per review: " + "; ".join(parts) + "."
 
 
 def _selection_note(run: StoredRun, among: dict[str, int]) -> str:

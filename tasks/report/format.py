@@ -146,6 +146,10 @@ COLUMNS = (
     Column("Configuration", ("name", "method", "label"), lambda r: r["label"],
            lambda r: None if r["label"].startswith(r["method_label"]) else r["method_label"],
            numeric=False),
+    Column("Input", ("input", "input_cut_share", "input_share_read"),
+           lambda r: r.get("input") or "—",
+           lambda r: (f"{fmt_pct(r['input_cut_share'])} of test reviews cut"
+                      if r.get("input_cut_share") else None), numeric=False),
     Column("Seeds", ("n", "n_total", "seeds"), lambda r: f"{r['n']}/{r['n_total']}"),
     Column("Validation acc.", ("validation_accuracy", "validation_sd"),
            lambda r: fmt_acc(r.get("validation_accuracy")),

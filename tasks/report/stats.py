@@ -86,9 +86,13 @@ def paired_bootstrap(
     def ci(x: np.ndarray) -> list[float]:
         return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
 
+    diffs = ra - rb
+    # two-sided: how often the resampled difference lands on the other side of zero
+    beyond = min(int(np.sum(diffs <= 0)), int(np.sum(diffs >= 0)))
     return {
         "n_boot": n_boot,
         "seed": seed,
+        "p_value": min(1.0, 2 * (beyond + 1) / (n_boot + 1)),
         "diff": float(a.mean() - b.mean()),
         "diff_ci95": ci(ra - rb),
         "a_ci95": ci(ra),
@@ -109,3 +113,14 @@ def welch(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     if not (np.isfinite(statistic) and np.isfinite(p)):  # no variance on either side
         return {"statistic": None, "p_value": None, "n": [len(a), len(b)]}
     return {"statistic": statistic, "p_value": p, "n": [len(a), len(b)]}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values, in their order:
+    the k-th smallest is multiplied by (m - k + 1), made monotone, capped at 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

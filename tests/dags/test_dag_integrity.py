@@ -48,7 +48,8 @@ def test_dag_parses_without_errors_and_without_the_ml_stack():
     assert result["heavy"] == []  # neither torch, transformers, GX, lora_core nor our steps
     # the registry and the config (standard library only) build the trigger form; the
     # steps module names the DAG, its schedule and its data steps
-    assert result["ours"] == ["tasks", "tasks.config", "tasks.registry", "tasks.steps"]
+    assert result["ours"] == ["tasks", "tasks.config", "tasks.registry", "tasks.steps",
+                              "tasks.text"]
     assert result["seconds"] < 2.0  # the scheduler re-parses DAG files every few seconds
     assert result["cron"] == "0 0 * * 0"  # @weekly
 
@@ -136,7 +137,8 @@ def test_dag_run_settings(dag):
 
 def test_params_are_the_design_names_with_descriptions(dag):
     assert list(dag.params) == ["preset", "methods", "model", "data", "train_size", "val_size",
-                                "test_size", "max_length", "epochs", "batch_size", "precision",
+                                "test_size", "max_length", "truncation", "epochs", "batch_size",
+                                "precision",
                                 "lora_lr", "full_lr", "ranks", "targets", "seeds"]
     for name, param in dag.params.items():
         assert param.description or param.schema.get("description_md"), name

@@ -22,6 +22,7 @@ from tasks.config import preset_config
 from tasks.metrics import MetricsRecord
 from tasks.paths import RunPaths, write_json
 from tasks.registry import Variant
+from tasks.text import input_budget
 
 N_TEST = 200
 N_VAL = 100
@@ -199,6 +200,8 @@ def make_run(
 def write_variant(paths: RunPaths, config, stored: Stored, finished_at: str = FINISHED) -> None:
     record = MetricsRecord.start(stored.variant, config.model, config.preset,
                                  {"lr": stored.variant.lr} if stored.variant.lr else {})
+    record.input_budget = input_budget(registry.method(stored.variant.method).reads,
+                                       tokens_record())
     for key, value in stored.fields.items():
         setattr(record, key, value)
     if stored.error is not None:
@@ -243,13 +246,14 @@ def tokens_record() -> dict[str, Any]:
 
     def split(counts: list[int], truncated: float) -> dict[str, Any]:
         return {"count": sum(counts), "mean": 180.5, "median": 150.0, "p95": 420.0, "max": 512,
-                "truncated_share": truncated,
+                "truncated_share": truncated, "mean_share_read": 0.6,
                 "histogram": {"bin_edges": edges, "counts": counts}}
 
     return {
         "key": "abc123", "cache_dir": "/tmp/cache/abc123", "model": "tiny-distilbert",
         "tokenizer": {"name": "tiny-distilbert", "vocab_sha256": "0f0f", "class": "BertTokenizerFast"},
-        "max_length": 64, "truncation": "longest_first", "cache_hit": False,
+        "max_length": 64, "truncation": "head", "cache_hit": False,
+        "truncation_settings": {"strategy": "head", "head_tokens": 62, "tail_tokens": 0},
         "stats": {
             "train": split([10, 60, 70, 50, 30, 20, 10, 6], 0.96),
             "validation": split([2, 10, 20, 30, 20, 10, 5, 3], 0.95),

@@ -112,6 +112,7 @@ def test_target_sets_are_normalised():
     ({"seeds": [-1]}, "seed"),
     ({"seeds": [2**31]}, "seed"),
     ({"precision": "fp8"}, "precision"),
+    ({"truncation": "middle"}, "truncation must be one of"),
     ({"model": ""}, "model"),
     ({"data": "  "}, "data"),
     ({"targets": ["q/v"]}, "target set"),
@@ -145,7 +146,8 @@ def test_every_field_of_the_config_is_checked():
     from tasks.config import _TUPLE_FIELDS
 
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    assert names == set(_TUPLE_FIELDS) | set(BOUNDS) | {"preset", "model", "data", "precision"}
+    assert names == set(_TUPLE_FIELDS) | set(BOUNDS) | {"preset", "model", "data", "precision",
+                                                                "truncation"}
 
 
 def test_unequal_learning_rate_counts_break_the_same_tuning_budget():

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from tasks import data, sources
-from tasks.paths import SPLITS, RunPaths
+from tasks.paths import SPLITS, RunPaths, read_json
+from tasks.text import normalise
 
 PER_CLASS = 12  # reviews per split and label in the test tarball
 
@@ -85,9 +86,12 @@ def _from_split(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 
 def _same_reviews(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """The same reviews, the expected texts normalised as the download step writes them."""
     cols = ["text", "label", "review_id", "rating"]
     got = got[cols].sort_values(["label", "review_id"], ignore_index=True)
-    pd.testing.assert_frame_equal(got, expected[cols].reset_index(drop=True), check_dtype=False)
+    expected = expected[cols].reset_index(drop=True).assign(text=expected["text"].map(normalise)
+                                                            .to_numpy())
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
 
 # --- local sources ---------------------------------------------------------------------------
@@ -103,7 +107,9 @@ def test_local_parquet_writes_requested_subsets_with_source_index(smoke_run, imd
         full = pd.read_parquet(imdb_dir / f"{'test' if split == 'test' else 'train'}.parquet")
         assert list(frame.columns) == ["text", "label", "review_id", "rating", "source_index"]
         assert len(frame) == size and frame["label"].dtype == "int64"
-        assert frame["text"].tolist() == full["text"].iloc[frame["source_index"]].tolist()
+        assert frame["text"].tolist() == full["text"].iloc[frame["source_index"]].map(
+            normalise).tolist()
+        assert not frame["text"].str.contains("<br", case=False).any()
         assert frame["label"].nunique() == 2  # a shuffle, not the label-ordered head
 
 
@@ -123,29 +129,58 @@ def test_validation_is_disjoint_from_train_and_deterministic(smoke_run, artifact
     assert set(_frames(reseeded)["train"]["source_index"]) != train
 
 
-def test_subsets_equal_datasets_shuffle_select(smoke_run, imdb_dir):
-    """The seed notebook's `dataset.shuffle(seed=42).select(range(n))`, for train and test;
-    validation is the next rows of the shuffled training split."""
-    import datasets
-
+def test_test_subset_is_drawn_from_its_own_random_stream(smoke_run, imdb_dir):
+    """IMDB's splits list their labels in the same order; shuffled with the same seed, the
+    test subset's labels were the first training rows' labels, row for row."""
     config, paths = smoke_run
-    config = config.with_overrides(train_size=300, val_size=50, test_size=100)
+    config = config.with_overrides(train_size=300, val_size=50, test_size=300)
     data.download_dataset(config, paths)
     ours = _frames(paths)
-    for split, rows in (("train", range(300)), ("validation", range(300, 350)),
-                        ("test", range(100))):
-        full = pd.read_parquet(imdb_dir / f"{'test' if split == 'test' else 'train'}.parquet")
-        theirs = datasets.Dataset.from_pandas(full).shuffle(seed=42).select(rows).to_pandas()
-        assert ours[split]["text"].tolist() == theirs["text"].tolist(), split
-        assert ours[split]["label"].tolist() == theirs["label"].tolist(), split
+    assert ours["test"]["label"].tolist() != ours["train"]["label"].tolist()
+    pools, _ = data.unique_pools({s: pd.read_parquet(imdb_dir / f"{s}.parquet")["text"].map(
+        normalise) for s in ("train", "test")})
+    order = pools["test"][data.shuffled(len(pools["test"]), (config.data_seed, data.TEST_STREAM))]
+    assert ours["test"]["source_index"].tolist() == order[:300].tolist()
+    order = pools["train"][data.shuffled(len(pools["train"]), config.data_seed)]
+    assert ours["validation"]["source_index"].tolist() == order[300:350].tolist()
     np.testing.assert_array_equal(data.shuffled(1000, 42), data.shuffled(1000, 42))
-    assert not np.array_equal(data.shuffled(1000, 42), data.shuffled(1000, 1))
+    assert not np.array_equal(data.shuffled(1000, 42), data.shuffled(1000, (42, 1)))
+
+
+def test_duplicate_texts_planted_across_splits_are_removed_before_drawing_and_counted(
+        smoke_run, imdb_sample, tmp_path):
+    """A review in both splits (once with `<br />`, once without), one twice in train, one
+    twice in test: each text lands in one subset at most, and draw.json counts them."""
+    config, paths = smoke_run
+    train, test = imdb_sample["train"].head(40).copy(), imdb_sample["test"].head(40).copy()
+    train.loc[1, "text"] = train.loc[0, "text"]  # within train
+    test.loc[3, "text"] = test.loc[2, "text"]  # within test
+    test.loc[5, "text"] = train.loc[4, "text"].replace(" ", " <br /><br /> ", 1)  # across
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    train.to_parquet(folder / "train.parquet")
+    test.to_parquet(folder / "test.parquet")
+    config = config.with_overrides(data=str(folder), train_size=30, val_size=9, test_size=38)
+    data.download_dataset(config, paths)
+    frames = _frames(paths)
+    texts = [t for f in frames.values() for t in f["text"]]
+    assert len(texts) == len(set(texts)) == 30 + 9 + 38
+    removed = read_json(paths.data_dir / "draw.json")["deduplication"]
+    assert removed["train"] == {"rows": 40, "kept": 39, "duplicates_within_split": 1,
+                                "also_in_an_earlier_split": 0}
+    assert removed["test"] == {"rows": 40, "kept": 38, "duplicates_within_split": 1,
+                               "also_in_an_earlier_split": 1}
+    with pytest.raises(ValueError, match="test_size = 39 but the test split of .* has 38 "
+                                         "distinct reviews \\(40 rows\\)"):
+        data.download_dataset(config.with_overrides(test_size=39), paths)
 
 
 @pytest.mark.parametrize("sizes, message", [
     ({"train_size": 20_000, "val_size": 5_001}, "train_size \\+ val_size = 25,001 but the train "
-                                                "split of .* has 25,000 rows"),
-    ({"test_size": 25_001}, "test_size = 25,001 but the test split of .* has 25,000 rows"),
+                                                "split of .* has 24,9\\d\\d distinct reviews "
+                                                "\\(25,000 rows\\)"),
+    ({"test_size": 25_001}, "test_size = 25,001 but the test split of .* has 24,\\d+ distinct "
+                            "reviews \\(25,000 rows\\)"),
 ], ids=["train+validation", "test"])
 def test_sizes_larger_than_the_source_are_a_value_error_naming_the_numbers(smoke_run, sizes,
                                                                            message):
@@ -177,7 +212,7 @@ def test_source_with_fewer_rows_than_asked_for_is_refused(smoke_run, imdb_sample
     for split in ("train", "test"):
         imdb_sample[split].head(20).to_parquet(folder / f"{split}.parquet")
     with pytest.raises(ValueError, match="train_size \\+ val_size = 30 but the train split of "
-                                         ".* has 20 rows"):
+                                         ".* has 20 distinct reviews"):
         data.download_dataset(config.with_overrides(data=str(folder), train_size=20, val_size=10,
                                                     test_size=20), paths)
     data.download_dataset(config.with_overrides(data=str(folder), train_size=15, val_size=5,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from tasks.features import encode, mean_pool, pooling_for, token_frame
+from tasks.features import encode, encode_poolings, mean_pool, pooling_for, token_frame
 from tasks.models import load_tokenizer
 
 
@@ -82,3 +82,27 @@ def test_encode_restores_training_mode_and_rejects_unknown_pooling(frame):
     assert encoder.training
     with pytest.raises(ValueError, match="'max'"):
         encode(encoder, frame, "max")  # type: ignore[arg-type]
+
+
+def test_both_poolings_come_from_one_forward_pass(frame):
+    encoder = tiny_bert()
+    calls: list[int] = []
+    encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    both = encode_poolings(encoder, frame, ("mean", "cls"), batch_size=5)
+    assert len(calls) == 3  # ceil(12 / 5) batches, not twice that
+    for pooling in ("mean", "cls"):
+        np.testing.assert_allclose(both[pooling], encode(encoder, frame, pooling, batch_size=5),
+                                   atol=1e-6)
+    assert not np.allclose(both["mean"], both["cls"])
+
+
+def test_token_frame_cuts_by_the_truncation_setting():
+    tokenizer = load_tokenizer("embedded-minilm")
+    text = "opening words " + "filler " * 60 + "closing verdict"
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head, head_tail = (token_frame(tokenizer, [text], 24, truncation=t)["input_ids"][0]
+                       for t in ("head", "head_tail"))
+    assert len(head) == len(head_tail) == 24
+    assert head[1:3] == head_tail[1:3] == words[:2]  # both start with the review's start
+    assert list(head_tail[-3:-1]) == words[-2:] and list(head[-3:-1]) != words[-2:]
+    assert head_tail[-1] == head[-1] == tokenizer.sep_token_id

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tasks.methods.seed_heuristic import MODEL_SEED
-from tasks.methods.tfidf_logreg import strip_breaks
 from tasks.metrics import MetricsRecord
 from tasks.paths import RunPaths
 from tasks.registry import METHODS, Variant
@@ -89,12 +88,39 @@ def test_tfidf_logreg_beats_70_percent_and_saves_a_usable_model(run, imdb_sample
     weights = load_file(str(model_dir / "weights.safetensors"))
     vocabulary = json.loads((model_dir / "vocabulary.json").read_text())
     assert len(vocabulary) == hyper["vocabulary_size"]
-    vectorizer = TfidfVectorizer(preprocessor=strip_breaks, ngram_range=(1, 2), sublinear_tf=True,
-                                 vocabulary=vocabulary)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, vocabulary=vocabulary)
     vectorizer.idf_ = weights["idf"].astype(np.float64)
     logits = vectorizer.transform(imdb_sample["test"]["text"]) @ weights["coef"][0] + weights["intercept"][0]
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), predictions(paths, "tfidf_logreg")["prob_positive"],
                                atol=1e-4)
+
+
+def test_tfidf_same_input_reads_only_the_tokens_the_encoder_reads(run, imdb_sample):
+    """A marker word in the middle of each long training review and another at its end:
+    whole-review TF-IDF learns both, TF-IDF on the encoder's input (32 tokens here) never
+    the middle one and the end one only with head_tail, and both record what they read."""
+    config, paths = run
+    train = imdb_sample["train"]
+
+    def mark(text: str) -> str:
+        middle = len(text) // 2
+        return (text[:middle] + " zzqmarker " + text[middle:] if len(text) > 1000 else text
+                ) + " zzqfinal"
+
+    marked = train.assign(text=train["text"].map(mark))
+    write_run_data(paths, {"train": marked})
+    for truncation in ("head", "head_tail"):
+        config = config.with_overrides(truncation=truncation)
+        tokenize_dataset(config, paths)
+        whole, same = _run("tfidf_logreg", config, paths), _run("tfidf_same_input", config, paths)
+        vocabularies = {v: json.loads((paths.variant_dir(v) / "model" / "vocabulary.json")
+                                      .read_text()) for v in ("tfidf_logreg", "tfidf_same_input")}
+        assert "zzqmarker" in vocabularies["tfidf_logreg"]
+        assert "zzqmarker" not in vocabularies["tfidf_same_input"]
+        assert ("zzqfinal" in vocabularies["tfidf_same_input"]) == (truncation == "head_tail")
+        assert whole.input_budget["text"] == "the whole review"
+        assert same.input_budget["max_tokens"] == 32 and same.input_budget["cut_share"] > 0.9
+        assert same.input_budget["truncation"] == truncation and same.status == "ok"
 
 
 def test_tfidf_logreg_never_sees_validation_or_test_when_fitting(run, imdb_sample):

@@ -1,5 +1,7 @@
-"""Zero-shot: which mode a model gets, the cloze prompt's fit in max_length, the choice
-of prompt on validation, and the embedded MiniLM beating the majority on real reviews."""
+"""Zero-shot: which mode a model gets, the cloze prompt's fit in max_length under each
+truncation, the choice of prompt on validation, label words that are not one token
+skipped with a note, the record's row label, and the embedded MiniLM beating the majority
+on real reviews."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
 import tasks.methods.zero_shot as zs
+from tasks.job import NotApplicable
 from tasks.methods.zero_shot import (
     CLOZE_ALTERNATIVES,
     EMBEDDING_ALTERNATIVES,
@@ -21,7 +24,12 @@ from tasks.methods.zero_shot import (
     similarity_probabilities,
     zero_shot_mode,
 )
+from tasks.metrics import MetricsRecord
 from tasks.models import load_tokenizer
+from tasks.registry import Variant
+from tasks.report.compute import aggregate
+from tasks.tokenize import tokenize_dataset
+from tasks.variants import run_variant
 
 
 def tiny_mlm(kind: str) -> torch.nn.Module:
@@ -72,6 +80,18 @@ def test_hub_base_checkpoint_of_bert_type_gets_cloze(monkeypatch):
     assert zero_shot_mode("distilbert-base-uncased")[0] is None
 
 
+def test_embedding_mode_reads_the_runs_truncation(tokenizer):
+    from tasks.features import encode, token_frame
+
+    encoder = tiny_mlm("bert").bert  # a bare encoder: last_hidden_state
+    texts = ["opening words " + "filler " * 60 + "closing verdict"]
+    head = zs.embed(encoder, tokenizer, texts, "mean", 24, truncation="head")
+    head_tail = zs.embed(encoder, tokenizer, texts, "mean", 24, truncation="head_tail")
+    expected = encode(encoder, token_frame(tokenizer, texts, 24, truncation="head_tail"), "mean")
+    np.testing.assert_allclose(head_tail, expected / np.linalg.norm(expected), atol=1e-6)
+    assert not np.allclose(head, head_tail, atol=1e-3)
+
+
 def test_similarity_probabilities_follow_the_nearer_description():
     labels = np.eye(2)  # negative, positive description vectors
     reviews = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [np.sqrt(0.5), np.sqrt(0.5)]])
@@ -95,6 +115,26 @@ def test_cloze_truncates_the_review_and_keeps_the_prompt_whole(tokenizer, review
     assert tokenizer.decode(ids[-1]) == "[CLS] fine. it was [MASK]. [SEP]"
 
 
+def test_cloze_head_tail_keeps_the_reviews_first_and_last_tokens_and_the_prompt(tokenizer):
+    review = "opening words " + "filler " * 60 + "closing verdict"
+    words = tokenizer(review, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(" It was [MASK].", add_special_tokens=False)["input_ids"]
+    (head,), _ = cloze_inputs(tokenizer, [review], "{review} It was {mask}.", 32, "head")
+    (both,), (position,) = cloze_inputs(tokenizer, [review], "{review} It was {mask}.", 32,
+                                        "head_tail")
+    assert len(both) == len(head) == 32 and both[position] == tokenizer.mask_token_id
+    assert both[-1 - len(prompt):-1] == prompt and both[1:3] == words[:2]
+    before_prompt = both[-1 - len(prompt) - 2:-1 - len(prompt)]
+    assert before_prompt == words[-2:]  # "closing verdict" read, right before the prompt
+    assert head[-1 - len(prompt) - 2:-1 - len(prompt)] != words[-2:]
+
+
+def test_cloze_reads_the_normalised_text(tokenizer):
+    raw, clean = cloze_inputs(tokenizer, ["Great.<br /><br />Really  good.", "Great. Really good."],
+                              "{review} It was {mask}.", 32)[0]
+    assert raw == clean
+
+
 def test_cloze_rejects_a_max_length_without_room_for_the_review(tokenizer):
     with pytest.raises(ValueError, match="max_length 6"):
         cloze_inputs(tokenizer, ["Good."], "{review} It was {mask}.", 6)
@@ -110,6 +150,17 @@ def test_label_words_must_be_single_tokens(tokenizer):
     assert label_word_id(tokenizer, "great") == tokenizer.convert_tokens_to_ids("great")
     with pytest.raises(ValueError, match="'unwatchable'"):
         label_word_id(tokenizer, "unwatchable")
+
+
+def test_only_alternatives_with_single_token_label_words_are_usable(tokenizer):
+    usable, skipped = zs.usable_clozes(tokenizer, {
+        "ok": Cloze("{review} It was {mask}.", "bad", "good"),
+        "split": Cloze("{review} It was {mask}.", "unwatchable", "good"),
+    })
+    assert list(usable) == ["ok"] and usable["ok"] == (
+        tokenizer.convert_tokens_to_ids("bad"), tokenizer.convert_tokens_to_ids("good"))
+    assert list(skipped) == ["split"] and "'unwatchable'" in skipped["split"]
+    assert "##" in skipped["split"]  # the pieces it splits into are named
 
 
 @pytest.mark.parametrize("kind", ["distilbert", "bert"])
@@ -139,6 +190,65 @@ def test_choose_and_score_picks_the_best_validation_prompt(tmp_path, tokenizer, 
     assert result.validation_accuracy[result.chosen] == max(result.validation_accuracy.values())
     assert result.prob_positive.shape == (4,)
     assert result.hyperparameters["template"] == zs.CLOZE_ALTERNATIVES[result.chosen].template
+
+
+@pytest.fixture
+def mlm_folder(tmp_path, tokenizer) -> str:
+    folder = tmp_path / "mlm"
+    tiny_mlm("bert").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_multi_piece_label_word_is_skipped_and_noted(mlm_folder, reviews, monkeypatch):
+    monkeypatch.setattr(zs, "CLOZE_ALTERNATIVES", {
+        "a": Cloze("{review} It was {mask}.", "terrible", "great"),
+        "b": Cloze("{review} It was {mask}.", "unwatchable", "great"),
+        "c": Cloze("{review} Verdict: {mask}.", "bad", "good"),
+    })
+    texts, labels = reviews["text"].tolist(), reviews["label"].to_numpy()
+    result = choose_and_score(mlm_folder, texts[:6], labels[:6], texts[6:], max_length=32)
+    assert list(result.validation_accuracy) == ["a", "c"] and list(result.skipped) == ["b"]
+    assert "'unwatchable'" in result.skipped["b"]
+    assert result.hyperparameters["skipped_alternatives"] == result.skipped
+    assert list(result.hyperparameters["alternatives"]) == ["a", "c"]
+
+
+def test_no_usable_alternative_is_not_applicable_with_the_reason(mlm_folder, monkeypatch):
+    monkeypatch.setattr(zs, "CLOZE_ALTERNATIVES", {
+        "a": Cloze("{review} It was {mask}.", "unwatchable", "great"),
+        "b": Cloze("{review} It was {mask}.", "bad", "masterful"),
+    })
+    with pytest.raises(NotApplicable, match="no cloze prompt is usable") as caught:
+        choose_and_score(mlm_folder, ["x"], np.array([1]), ["y"])
+    assert "'unwatchable'" in caught.value.reason and "'masterful'" in caught.value.reason
+
+
+def test_the_record_says_what_was_done_and_names_the_row(run, mlm_folder, monkeypatch):
+    config, paths = run
+    config = config.with_overrides(model=mlm_folder, truncation="head_tail")
+    monkeypatch.setattr(zs, "CLOZE_ALTERNATIVES", {
+        "a": Cloze("{review} It was {mask}.", "terrible", "great"),
+        "b": Cloze("{review} It was {mask}.", "unwatchable", "great"),
+        "c": Cloze("{review} Verdict: {mask}.", "bad", "good"),
+    })
+    tokenize_dataset(config, paths)  # the encoders' input budget, which the record states
+    record = MetricsRecord.read(run_variant(Variant("zero_shot"), config, paths, device="cpu"))
+    assert record.status == "ok", record.error
+    assert record.hyperparameters["truncation"] == "head_tail"
+    # both prompts take 4 tokens ("it was [MASK] .", "verdict : [MASK] ."): 32 - 2 - 4 left
+    assert record.hyperparameters["review_tokens"] == 26
+    assert record.input_budget["text"] == "the first 7 and last 19 tokens, beside the prompt"
+    assert record.details["prompt_choice"] == {"alternatives": 2, "validation_labels": 100,
+                                               "skipped": ["b"]}
+    assert "'b'" in record.notes and "'unwatchable'" in record.notes
+    label = "zero-shot (prompt chosen on 100 validation labels)"
+    assert record.details["row_label"] == label and aggregate([record])["label"] == label
+
+    # no usable alternative: the baseline is not applicable, with the reason, not failed
+    monkeypatch.setattr(zs, "CLOZE_ALTERNATIVES", {"b": zs.CLOZE_ALTERNATIVES["b"]})
+    record = MetricsRecord.read(run_variant(Variant("zero_shot"), config, paths, device="cpu"))
+    assert record.status == "not_applicable" and "'unwatchable'" in record.reason
 
 
 def test_choose_and_score_refuses_a_model_without_a_mode():
