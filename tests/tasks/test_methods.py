@@ -192,7 +192,7 @@ def test_failed_baseline_writes_failed_record_and_reraises(run):
     with pytest.raises(FileNotFoundError, match="tokenize"):
         run_variant(Variant("seed_heuristic"), config, paths, device="cpu")
     record = MetricsRecord.read(paths.variant_dir("seed_heuristic") / "metrics.json")
-    assert record.status == "failed" and record.error.startswith("FileNotFoundError")
+    assert record.status == "failed" and record.error.startswith("StepNotRun")  # a FileNotFoundError
     assert record.accuracy is None and record.finished_at
     assert not (paths.variant_dir("seed_heuristic") / "predictions.parquet").exists()
 
