@@ -12,25 +12,31 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE ?= 0
+# Training tasks per GPU (pool `gpu` = GPUs x k; tasks/slots.py): a number, or `auto` to fit
+# free GPU memory. Without a GPU it is 1 whatever it says.
+export LORAFLOW_TASKS_PER_GPU ?= auto
 PRESET ?= cpu
 PORT ?= 8280
 CLUSTER_PORT ?= 8380
+MLFLOW_PORT ?= 5080
 GPU_WORKERS ?=
 
-.PHONY: setup test test-fast run ui cluster cluster-stop bench lint clean
+.PHONY: setup test test-fast run ui cluster cluster-stop mlflow bench lint clean
 
 setup:  ## (re)install everything, even when it looks up to date
 	$(MAKE) --always-make $(SETUP_DONE)
 
 # .venv: CPU torch where no CUDA GPU is present, then the project and dev tools; Chromium
-# for the browser tests; the Airflow home.
-$(SETUP_DONE): pyproject.toml constraints.txt
+# for the browser tests; the Airflow home; the MLflow server's own .venv-mlflow (for
+# `make mlflow` and the tracking test).
+$(SETUP_DONE): pyproject.toml constraints.txt scripts/mlflow_server.constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0 -c constraints.txt; fi
 	$(PIP) install -q -e '.[dev,celery]' -c constraints.txt
 	bash scripts/install_chromium.sh
 	bash scripts/airflow_init.sh
+	bash scripts/mlflow_server.sh install
 	touch $@
 
 test: $(SETUP_DONE)  ## the whole suite, slow tests included (what CI runs)
@@ -51,6 +57,9 @@ cluster: $(SETUP_DONE)  ## CeleryExecutor on this machine (PostgreSQL, Redis, de
 cluster-stop:  ## stop every process `make cluster` started
 	$(PY) scripts/loraflow_cluster.py stop
 
+mlflow:  ## MLflow tracking server on http://127.0.0.1:$(MLFLOW_PORT) (SQLite, artifacts in mlflow_home/); runs tracked when MLFLOW_TRACKING_URI points at it
+	bash scripts/mlflow_server.sh serve $(MLFLOW_PORT)
+
 bench: $(SETUP_DONE)
 	.venv/bin/loraflow bench
 
@@ -68,4 +77,4 @@ lint: $(SETUP_DONE)
 	.venv/bin/ruff format --check $(FORMATTED)
 
 clean:
-	rm -rf artifacts airflow_home airflow_cluster reports/*/ reports/index.html
+	rm -rf artifacts airflow_home airflow_cluster mlflow_home reports/*/ reports/index.html

@@ -28,8 +28,9 @@ is touched.
 the menu), or `$LORAFLOW_REPORTS/` (default `reports/`); artifacts:
 `$LORAFLOW_ARTIFACTS/runs/<run_id>/` (default `artifacts/`).
 
-**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (one slot per GPU)
-and queue `gpu`; inside, a GPU lease (a lock per device) keeps two tasks off one GPU.
+**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (GPUs x k slots,
+k = LORAFLOW_TASKS_PER_GPU) and queue `gpu`; inside, a GPU lease (k locks per device)
+keeps more than k tasks off one GPU, and a variant too large to share one takes it whole.
 Without a GPU they run on the CPU.
 
 **Failures.** Download, tokenization, variants and the report retry twice with
@@ -62,10 +63,13 @@ from tasks import registry
 from tasks.config import (
     BOUNDS,
     DEFAULT_PRESET,
+    INTEGER_PATTERN,
+    NUMBER_PATTERN,
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
     TRUNCATIONS,
+    list_pattern,
     preset_config,
     schema_bounds,
 )
@@ -74,23 +78,46 @@ from tasks.steps import DAG_ID, DATA_STEPS, Step, schedule
 
 SCHEDULE = schedule()  # read once: the form's text and the timetable say the same
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
-EMPTY = " Leave empty to keep the preset's value."
-# Wall time of `make run` (airflow dags test) measured on a 2-core AMD EPYC without a GPU or
-# native bf16 (2026-11-29): smoke 58 s, cpu 25 min 49 s. seed and paper were not run there.
-TIME_ON_CPU = {"smoke": "1 min", "cpu": "26 min", "seed": "hours: use a GPU",
-               "paper": "days: use a GPU"}
+EMPTY = " Empty: the preset's value."
+PRESET_VALUE = "(preset's value)"  # what an empty dropdown reads
+# What each preset is for (design.md). No run times here: the only ones measured through
+# Airflow on the 2-core machine would not cover every preset.
+PURPOSE = {"seed": "the seed notebook's protocol, on a GPU",
+           "paper": "the published setting, on GPUs",
+           "cpu": "a real model on a laptop's CPU",
+           "smoke": "a plumbing check on random weights"}
+
+
+def _sweep(c: Any) -> str:
+    """ranks × target sets × learning rates (LoRA / full) × seeds, as the preset has them."""
+    def values(xs: tuple) -> str:
+        return ", ".join(registry.format_lr(x) if isinstance(x, float) else str(x) for x in xs)
+
+    return (f"{values(c.ranks)} × {values(c.targets)} × {values(c.lora_lr)} / "
+            f"{values(c.full_lr)} × {values(c.seeds)}")
 
 
 def _preset_table() -> str:
-    """The presets' values as a Markdown table for the form (rendered there)."""
-    lines = ["| preset | model | train / val / test | tokens | epochs | methods | "
-             "2-core CPU |", "|---|---|---|---|---|---|---|"]
-    for name in PRESETS:
-        c = preset_config(name, data="hub")
+    """The presets' values as a Markdown table for the form (rendered there), and the
+    methods they run below it."""
+    lines = ["| preset | model | train / val / test | tokens | epochs | sweep: ranks × "
+             "targets × learning rates (LoRA / full) × seeds | variant tasks |",
+             "|---|---|---|---|---|---|---|"]
+    configs = {name: preset_config(name, data="hub") for name in PRESETS}
+    for name, c in configs.items():
         lines.append(f"| `{name}` | {c.model} | {c.train_size:,} / {c.val_size:,} / "
-                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | "
-                     f"{', '.join(c.methods)} | {TIME_ON_CPU[name]} |")
+                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | {_sweep(c)} | "
+                     f"{len(c.variants())} |")
+    common = [m for m in registry.METHODS if all(m in c.methods for c in configs.values())]
+    extra = {name: [m for m in c.methods if m not in common] for name, c in configs.items()}
+    lines.append("\nMethods: " + ", ".join(common) + " in every preset" + "".join(
+        f"; {', '.join(ms)} in `{name}`" for name, ms in extra.items() if ms) + ".")
     return "\n".join(lines)
+
+
+def _preset_label(name: str) -> str:
+    """The preset dropdown's entry: what the preset is for and what it will run."""
+    return f"{name}: {PURPOSE[name]}, {len(preset_config(name, data='hub').variants())} variant tasks"
 
 
 def _schedule_text() -> str:
@@ -115,6 +142,15 @@ def _range(name: str) -> str:
     return f"{bounds['minimum']:,} to {bounds['maximum']:,}"
 
 
+def _typed_list(kind: str, **items: Any) -> dict[str, Any]:
+    """A sweep list the form lets one type: text such as `5e-4, 2e-3` or one value per line
+    (Airflow's JSON editor rewrites a list while it is being typed), or a JSON list from the
+    REST API. `prepare` parses the text (tasks.config.parse_list) and checks the values."""
+    item = INTEGER_PATTERN if kind == "integer" else NUMBER_PATTERN
+    return {"type": ["null", "array", "string"], "uniqueItems": True,
+            "items": {"type": kind, **items}, "pattern": list_pattern(item)}
+
+
 PARAMS: dict[str, Param] = {
     # No section: Airflow opens only the unsectioned "Run Parameters" group by default, so
     # what a run will do is visible without a click.
@@ -122,8 +158,7 @@ PARAMS: dict[str, Param] = {
         DEFAULT_PRESET, type="string", enum=list(PRESETS), title="Preset",
         description_md="Named starting point; the fields below override single values. "
                        + _schedule_text() + "\n\n" + _preset_table(),
-        values_display={name: f"{name}: {PRESETS[name]['model']}, {TIME_ON_CPU[name]} on a CPU"
-                        for name in PRESETS},
+        values_display={name: _preset_label(name) for name in PRESETS},
     ),
     "methods": Param(
         None, **_list("string", enum=list(registry.METHODS)), title="Methods",
@@ -164,6 +199,7 @@ PARAMS: dict[str, Param] = {
     "truncation": Param(
         None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
         section="Data subset",
+        values_display={"null": PRESET_VALUE, **{t: t for t in TRUNCATIONS}},
         description="What an encoder reads of a review longer than Max tokens: head (its "
                     "first tokens) or head_tail (its first quarter and last three quarters "
                     "of the budget; Sun et al. 2019)." + EMPTY,
@@ -179,24 +215,30 @@ PARAMS: dict[str, Param] = {
     "precision": Param(
         None, type=["null", "string"], enum=[None, *PRECISIONS], title="Precision",
         section="Training",
+        values_display={"null": PRESET_VALUE, "auto": "auto: bf16 where the device has it "
+                        "natively, else fp32", "fp32": "fp32", "bf16": "bf16",
+                        "fp16": "fp16 (CUDA GPUs only)"},
         description="auto: bf16 autocast where the device has native bf16 (recent GPUs, "
                     "CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs a CUDA GPU." + EMPTY,
     ),
     "lora_lr": Param(
-        None, **_list("number", **schema_bounds("lora_lr")),
+        None, **_typed_list("number", **schema_bounds("lora_lr")),
         title="LoRA learning rates", section="Sweep",
-        description="JSON list, e.g. [0.001, 0.002]: LoRA (and BitFit) are tuned over these, "
-                    "choosing on validation. Give full fine-tuning as many." + EMPTY,
+        description="Comma-separated or one per line, e.g. 1e-3, 2e-3: LoRA (and BitFit) are "
+                    "tuned over these, choosing on validation. Give full fine-tuning as "
+                    "many." + EMPTY,
     ),
     "full_lr": Param(
-        None, **_list("number", **schema_bounds("full_lr")),
+        None, **_typed_list("number", **schema_bounds("full_lr")),
         title="Full fine-tuning learning rates", section="Sweep",
-        description="JSON list, e.g. [0.00003, 0.00005]; as many as the LoRA list." + EMPTY,
+        description="Comma-separated or one per line, e.g. 5e-5, 1e-4; as many as the LoRA "
+                    "learning rates." + EMPTY,
     ),
     "ranks": Param(
-        None, **_list("integer", **schema_bounds("ranks")), title="LoRA ranks", section="Sweep",
-        description="JSON list of ranks r, e.g. [4, 8, 16]. One LoRA task per rank × target "
-                    "set × learning rate × seed." + EMPTY,
+        None, **_typed_list("integer", **schema_bounds("ranks")), title="LoRA ranks",
+        section="Sweep",
+        description="Comma-separated or one per line, e.g. 4, 8, 16. One LoRA task per rank "
+                    "× target set × learning rate × seed." + EMPTY,
     ),
     "targets": Param(
         None, **_list("string", pattern=TARGETS_PATTERN), title="LoRA target sets",
@@ -205,8 +247,9 @@ PARAMS: dict[str, Param] = {
                     + " or comma-separated module names such as q_lin,v_lin." + EMPTY,
     ),
     "seeds": Param(
-        None, **_list("integer", **schema_bounds("seeds")), title="Seeds", section="Sweep",
-        description="JSON list of training seeds, e.g. [1, 2, 3]; each seed repeats every "
+        None, **_typed_list("integer", **schema_bounds("seeds")), title="Seeds",
+        section="Sweep",
+        description="Comma-separated or one per line, e.g. 1, 2, 3: each seed repeats every "
                     "trained configuration, and results are averaged over them." + EMPTY,
     ),
 }
@@ -234,7 +277,7 @@ RETRY: dict[str, Any] = {
     "retries": 2, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30), "retry_policy": NO_RETRY_ON_BAD_INPUT,
 }
-# Methods that run the encoder: one GPU each (pool slots = GPUs). A training retry resumes
+# Methods that run the encoder: a GPU slot each (pool slots = GPUs x k). A training retry resumes
 # from the variant's last epoch checkpoint, so it loses at most an epoch.
 ON_GPU: dict[str, Any] = {
     "pool": "gpu", "queue": "gpu", **RETRY, "execution_timeout": timedelta(hours=12),
@@ -249,13 +292,27 @@ DATA_TASK: dict[str, dict[str, Any]] = {
 
 
 def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
-    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one."""
+    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one. The
+    record notes Airflow's try number, so a cleared and re-run variant shows as such."""
     from tasks.pipeline import load_run
     from tasks.registry import Variant
     from tasks.variants import run_variant
 
     config, paths = load_run(run_dir)
-    return str(run_variant(Variant.from_dict(variant), config, paths))
+    attempt = get_current_context()["ti"].try_number
+    return str(run_variant(Variant.from_dict(variant), config, paths, attempt=attempt))
+
+
+def _data_step(step: str, fn: Any, run_dir: str) -> str:
+    """Body of the data steps: run `fn` on the run; if it fails, record which step and
+    why, for check_variants and the Report tab (tasks.failures)."""
+    from tasks.failures import recorded
+    from tasks.pipeline import load_run
+
+    context = get_current_context()
+    with recorded(context["run_id"], step, context["ti"].try_number):
+        fn(*load_run(run_dir))
+    return run_dir
 
 
 @dag(
@@ -277,12 +334,17 @@ def lora_imdb_experiment():
     def prepare() -> dict[str, Any]:
         """Resolve preset + overrides (fails fast on bad combinations), lay out the run
         folder, log the settings; returns the run folder and the variant lists."""
-        from tasks.pipeline import config_from_params, describe, prepare_run
+        from tasks import tracking
+        from tasks.failures import recorded
+        from tasks.pipeline import config_from_params, prepare_run
 
         context = get_current_context()
-        config = config_from_params(dict(context["params"]))
-        run_dir = str(prepare_run(config, context["run_id"]).run_dir)
-        print(describe(config))  # the resolved settings and variants, in the task's log
+        with recorded(context["run_id"], "prepare", context["ti"].try_number):
+            # logs the resolved settings and the variants through the task logger
+            config = config_from_params(dict(context["params"]))
+            paths = prepare_run(config, context["run_id"])
+        tracking.start_run(paths, DAG_ID)  # MLflow parent run, when tracking is on
+        run_dir = str(paths.run_dir)
         return {
             "run_dir": run_dir,
             "cpu": [v.to_dict() for v in config.method_variants(encoder=False)],
@@ -302,10 +364,7 @@ def lora_imdb_experiment():
         """The task of one data step (tasks.steps.DATA_STEPS), with its settings above."""
         @task(task_id=step.task_id, **DATA_TASK[step.name])
         def run_step(run_dir: str) -> str:
-            from tasks.pipeline import load_run
-
-            step.function()(*load_run(run_dir))
-            return run_dir
+            return _data_step(step.task_id, step.function(), run_dir)
 
         return run_step
 
@@ -320,21 +379,25 @@ def lora_imdb_experiment():
     # all_done: the report also shows failed variants (and says so when none succeeded).
     @task(**RETRY, trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=30))
     def report(run_dir: str | None) -> str:
-        from tasks.paths import report_url
+        from tasks import tracking
+        from tasks.paths import RunPaths, report_url
         from tasks.report import build_report
 
         if run_dir is None:  # prepare failed: there is no run folder to report on
             raise AirflowSkipException("no run folder: prepare failed (see its log)")
-        page = str(build_report(run_dir))
+        page = build_report(run_dir)
+        tracking.log_report(RunPaths.from_run_dir(run_dir), page)  # when tracking is on
+        page = str(page)
         print(f"report: {report_url(get_current_context()['run_id'])}")  # the log's last line
         return page
 
     # The report is the only other leaf and succeeds even when variants failed; this leaf
     # keeps the run's state honest (failed if any variant failed, skipped otherwise).
     @task(trigger_rule=TriggerRule.ONE_FAILED, execution_timeout=timedelta(minutes=1))
-    def check_variants() -> None:
-        raise RuntimeError("at least one variant failed; its error is in the report and "
-                           "in results/<variant>/metrics.json")
+    def check_variants(run_dir: str | None) -> None:
+        from tasks.failures import what_failed
+
+        raise RuntimeError(what_failed(get_current_context()["run_id"], run_dir))
 
     plan = prepare()
     ready = plan["run_dir"]
@@ -345,7 +408,7 @@ def lora_imdb_experiment():
         gpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "gpu")),
     ]
     variants >> report(plan["run_dir"])
-    variants >> check_variants()
+    variants >> check_variants(plan["run_dir"])
 
 
 lora_imdb_experiment()

@@ -19,6 +19,7 @@ export AIRFLOW__API__BASE_URL="$URL"                   # tasks reach the API at 
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="$URL/execution/"
 
 bash "$ROOT/scripts/airflow_init.sh"
+gpu_plan   # standalone's task processes lease the k that the pool was sized with
 PASSWORDS="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
 
 # standalone runs in its own session, so a Ctrl-C here reaches only this script, whose

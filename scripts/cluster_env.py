@@ -47,6 +47,24 @@ class Component:
     queue: str | None = None  # Celery workers only
 
 
+def tasks_per_gpu(opts: argparse.Namespace) -> int:
+    """k: --tasks-per-gpu, else LORAFLOW_TASKS_PER_GPU, resolved against this host's GPUs."""
+    from tasks import slots  # standard library only
+
+    value = slots.parse(opts.tasks_per_gpu) if opts.tasks_per_gpu else slots.setting()
+    return slots.resolve(value, slots.nvidia_smi_gpus())
+
+
+def gpu_worker_concurrency(opts: argparse.Namespace, gpus: int, index: int) -> int:
+    """k for a worker with a GPU of its own, 1 for one that trains on the CPU."""
+    return (getattr(opts, "resolved_tasks_per_gpu", None) or 1) if index < gpus else 1
+
+
+def pool_slots(opts: argparse.Namespace, gpus: int) -> int:
+    """Pool `gpu`: as many slots as the gpu workers run tasks at once."""
+    return sum(gpu_worker_concurrency(opts, gpus, i) for i in range(opts.gpu_workers))
+
+
 def components(opts: argparse.Namespace, gpus: int) -> list[Component]:
     """The control plane, then the workers. Ports: API on --port, log servers above it."""
     port = opts.port
@@ -63,7 +81,7 @@ def components(opts: argparse.Namespace, gpus: int) -> list[Component]:
         env = {"CUDA_VISIBLE_DEVICES": str(i) if i < gpus else ""}
         if not gpus and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // opts.gpu_workers))
-        workers.append((f"gpu-{i}", "gpu", 1, env))
+        workers.append((f"gpu-{i}", "gpu", gpu_worker_concurrency(opts, gpus, i), env))
     for offset, (name, queue, concurrency, env) in enumerate(workers, start=2):
         control.append(
             Component(
@@ -144,6 +162,8 @@ def settings(opts: argparse.Namespace, home: Path) -> dict[str, str]:
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(opts.port + 1),
         "LORAFLOW_ARTIFACTS": str(Path(opts.artifacts).resolve()),
         "LORAFLOW_REPORTS": str(Path(opts.reports).resolve()),
+        # the lease in every task admits as many tasks per GPU as the pool and workers do
+        "LORAFLOW_TASKS_PER_GPU": str(getattr(opts, "resolved_tasks_per_gpu", None) or 1),
         # The project importable as `tasks` (as in scripts/airflow_env.sh), scripts/ for
         # the hostname callable (`loraflow_hostname`), and the venv's `airflow` and `python`.
         "PYTHONPATH": os.pathsep.join(

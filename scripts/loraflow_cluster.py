@@ -11,9 +11,12 @@ What `start` runs, each component in a session of its own (PIDs in <home>/cluste
   Redis is the Celery broker and result backend;
 - api-server (UI, REST and Task Execution API), scheduler, dag-processor, triggerer;
 - Celery worker `default` on queue `default`, and workers `gpu-0` .. `gpu-<N-1>` on queue
-  `gpu` with concurrency 1, each with its own CUDA_VISIBLE_DEVICES; N = the GPUs that
-  nvidia-smi lists, 2 on a CPU-only machine (--gpu-workers);
-- pool `gpu` with N slots; one artifacts and reports root for all.
+  `gpu` with concurrency k (LORAFLOW_TASKS_PER_GPU or --tasks-per-gpu, a number or `auto`:
+  tasks/slots.py; 1 for a worker without a GPU), each with its own CUDA_VISIBLE_DEVICES;
+  N = the GPUs that nvidia-smi lists, 2 on a CPU-only machine (--gpu-workers);
+- pool `gpu` with the workers' concurrencies summed (N x k) slots; every component gets
+  the resolved k, so the lease in each task admits k tasks per GPU; one artifacts and
+  reports root for all.
 
 The settings every deployment shares come from docker/airflow.env and the one-time init
 (Fernet key, admin password, db migrate, pool) from docker/airflow-init.sh, both also used
@@ -49,8 +52,10 @@ from cluster_env import (
     components,
     create_database,
     gpu_count,
+    pool_slots,
     secrets_of,
     settings,
+    tasks_per_gpu,
 )
 from cluster_processes import (
     load_state,
@@ -78,6 +83,11 @@ def start(opts: argparse.Namespace) -> int:
     gpus = gpu_count()
     if opts.gpu_workers is None:
         opts.gpu_workers = gpus or 2
+    try:
+        opts.resolved_tasks_per_gpu = tasks_per_gpu(opts)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     plan = components(opts, gpus)
     ports = [opts.port, opts.port + 1, *(int(c.env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"])
                                          for c in plan if c.queue)]
@@ -92,7 +102,8 @@ def start(opts: argparse.Namespace) -> int:
     create_database(opts)
     init_env = {**env, "LORAFLOW_AUTH_DIR": str(home / "auth"), "AIRFLOW_ADMIN_USER": ADMIN,
                 "AIRFLOW_ADMIN_PASSWORD": secrets_of(home)["admin_password"],
-                "GPU_POOL_SLOTS": str(opts.gpu_workers)}
+                # already counted per worker (k with a GPU, 1 without): no second factor
+                "GPU_POOL_SLOTS": str(pool_slots(opts, gpus)), "LORAFLOW_TASKS_PER_GPU": "1"}
     init_log = home / "logs" / "init.log"
     with open(init_log, "wb") as log:
         if subprocess.run(["bash", str(INIT_SCRIPT)], env=init_env, stdout=log,
@@ -102,6 +113,7 @@ def start(opts: argparse.Namespace) -> int:
 
     state = {"home": str(home), "url": f"http://{opts.host}:{opts.port}", "database": opts.database,
              "redis": opts.redis, "gpu_workers": opts.gpu_workers, "gpus": gpus,
+             "tasks_per_gpu": opts.resolved_tasks_per_gpu, "pool_slots": pool_slots(opts, gpus),
              "artifacts": env["LORAFLOW_ARTIFACTS"], "reports": env["LORAFLOW_REPORTS"],
              "components": {}}
     for c in plan:
@@ -169,7 +181,8 @@ def print_summary(state: dict, home: Path) -> None:
     for name, entry in state["components"].items():
         extra = f"queue {entry['queue']}, tasks show hostname {entry['hostname']}" if entry["queue"] else ""
         print(f"  {name:<14} pid {entry['pid']:<8} {extra}")
-    print(f"  pool gpu: {state['gpu_workers']} slots; logs in {home / 'logs'}; "
+    print(f"  pool gpu: {state.get('pool_slots', state['gpu_workers'])} slots "
+          f"({state.get('tasks_per_gpu', 1)} task(s) per GPU); logs in {home / 'logs'}; "
           "stop with `make cluster-stop`\n")
 
 
@@ -218,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="create the database, init, start every component")
     p.add_argument("--gpu-workers", type=int, help="workers on queue gpu (default: GPUs, else 2)")
+    p.add_argument("--tasks-per-gpu", help="training tasks per GPU: a number or auto "
+                   "(default $LORAFLOW_TASKS_PER_GPU, else 1; 1 without a GPU)")
     p.add_argument("--default-concurrency", type=int, default=4, help="tasks at once on the default worker")
     p.add_argument("--host", default="127.0.0.1", help="address the API server listens on")
     p.add_argument("--port", type=int, default=8380,

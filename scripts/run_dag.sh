@@ -20,7 +20,12 @@ print(json.dumps(conf))
 PYEOF
 )"
 
-[ -e "$AIRFLOW_HOME/airflow.db" ] || bash "$ROOT/scripts/airflow_init.sh"
+if [ -e "$AIRFLOW_HOME/airflow.db" ]; then
+    set_gpu_pool   # the pool follows LORAFLOW_TASKS_PER_GPU on every run
+else
+    bash "$ROOT/scripts/airflow_init.sh"
+    gpu_plan
+fi
 RUNS="$("$PY" -c 'from tasks.paths import artifacts_root; print(artifacts_root() / "runs")')"
 
 marker="$(mktemp)"

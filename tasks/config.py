@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,44 @@ def schema_bounds(name: str) -> dict[str, float]:
     raise KeyError(f"{name!r} has no numeric bounds")
 
 
+# A sweep list typed as text (the trigger form, the CLI): numbers separated by commas,
+# spaces or new lines, e.g. "5e-4, 2e-3". The form's schema checks the same shape.
+LIST_SEPARATORS = re.compile(r"[\s,;]+")
+# signs allowed, so that "-1" is refused by the bounds check, which says what the bounds are
+NUMBER_PATTERN = r"[+-]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:[eE][+-]?[0-9]+)?"
+INTEGER_PATTERN = r"[+-]?[0-9]+"
+
+
+def list_pattern(item: str) -> str:
+    """A JSON-schema pattern for text that `parse_list` reads: `item`s separated by commas,
+    semicolons or white space (new lines included); blank text is an empty field."""
+    return rf"^[\s,;]*(?:{item}(?:[\s,;]+{item})*[\s,;]*)?$"
+
+
+def parse_list(name: str, text: str, kind: type) -> list:
+    """`text` as a list of `kind` (int or float): "5e-4, 2e-3" or one value per line.
+    Raises a ValueError naming the field and the piece that is not a `kind`."""
+    items = [t for t in LIST_SEPARATORS.split(text.strip()) if t]
+    if not items:
+        raise ValueError(f"{name or 'the list'} must hold at least one value, got {text!r}")
+    out = []
+    for item in items:
+        try:
+            if not re.fullmatch(INTEGER_PATTERN if kind is int else NUMBER_PATTERN, item):
+                raise ValueError(item)  # what float() also takes: nan, inf, 1_000
+            value = int(item) if kind is int else float(item)
+        except ValueError:
+            what, example = ("integer", "4, 8, 16") if kind is int else ("number", "5e-4, 2e-3")
+            raise ValueError(f"{name + ': ' if name else ''}{item!r} is not a"
+                             f"{'n' if kind is int else ''} {what} (give {what}s separated by "
+                             f"commas or new lines, e.g. {example})") from None
+        out.append(value)
+    return out
+
+
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
+    if isinstance(value, str) and kind in (int, float):
+        value = parse_list(name, value, kind)
     items = [value] if isinstance(value, (str, int, float)) else value
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{name} must be a list, got {value!r}")
@@ -200,8 +238,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   test_size=25000, max_length=512, epochs=3),
     # Learning rates chosen on validation by the sweep in bench/experiments/cpu_lr_sweep.md
     # (two per method: LoRA 5e-4/2e-3, full fine-tuning 5e-5/1e-4).
+    # Truncation head_tail chosen on validation: bench/experiments/truncation.md.
     "cpu": dict(model="embedded-minilm", train_size=2000, val_size=500, test_size=1000,
-                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(1e-4,)),
+                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(1e-4,),
+                truncation="head_tail"),
     "smoke": dict(model="tiny-distilbert", train_size=256, val_size=64, test_size=128,
                   max_length=64, epochs=1, lora_lr=(2e-3,), full_lr=(5e-4,), ranks=(4,),
                   warmup_steps=2),

@@ -78,6 +78,7 @@ class MetricsRecord:
     resumed_from_epoch: int | None = None
     device: str = "cpu"
     host: str = field(default_factory=platform.node)
+    attempt: int = 1  # the try that wrote this record: Airflow's try number, 1 for the CLI
     started_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # method-specific measurements

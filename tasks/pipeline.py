@@ -28,7 +28,10 @@ def config_from_params(params: dict[str, Any]) -> ExperimentConfig:
     Empty strings and empty lists (blank form fields) keep the preset's value."""
     params = dict(params)
     preset = params.pop("preset", None) or DEFAULT_PRESET
-    overrides = {k: v for k, v in params.items() if v not in (None, "", [])}
+    overrides = {k: v for k, v in params.items()
+                 if v not in (None, [], "") and not (isinstance(v, str) and not v.strip(" ,;\n\t"))}
+    log.info("preset %s with overrides %s", preset,
+             ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none")
     return preset_config(preset, **overrides)
 
 
@@ -52,6 +55,10 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
     from tasks import preflight
 
     paths = RunPaths.for_run(run_id, artifacts, reports)
+    for line in describe(config).splitlines():  # one record per line: in order, never folded
+        log.info("%s", line)
+    log.info("checking the model, LoRA targets and ranks, and the data source %s before any "
+             "work", config.data)
     preflight.check(config)  # before anything is written: a bad run leaves nothing behind
     if paths.config_json.exists():
         stored = ExperimentConfig.from_dict(read_json(paths.config_json))
@@ -59,6 +66,7 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
             raise ValueError(f"run {run_id!r} already exists with a different config "
                              f"({paths.config_json}); use a new run id")
         return paths
+    log.info("checks passed; run folder %s", paths.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(paths.run_dir / "environment.json", environment())
     write_json(paths.config_json, config.to_dict())  # last: its presence marks a prepared run
@@ -77,14 +85,17 @@ def load_run(run_dir: Path | str, reports: Path | str | None = None) -> tuple[Ex
 def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
     """Every step in DAG order, in this process. A failing variant is recorded and the
     others go on (as in the DAG); a failing data step stops the run. Returns the report."""
-    from tasks import report
+    from tasks import report, tracking
     from tasks.variants import run_variant
 
+    tracking.start_run(paths)  # a parent run in MLflow when tracking is on
     for step in DATA_STEPS:
         step.function()(config, paths)
     for variant in config.variants():
         _keep_going(variant.name, run_variant, variant, config, paths)
-    return report.build_report(paths.run_dir, paths.reports)
+    page = report.build_report(paths.run_dir, paths.reports)
+    tracking.log_report(paths, page)
+    return page
 
 
 def _keep_going(what: str, fn, *args) -> None:

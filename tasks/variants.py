@@ -36,23 +36,28 @@ def labels(paths: RunPaths, split: str) -> np.ndarray:
 
 
 def run_variant(variant: Variant, config: ExperimentConfig, paths: RunPaths,
-                device: str | None = None) -> Path:
-    """Run `variant` on the run's data and write its results; returns its metrics.json."""
+                device: str | None = None, attempt: int = 1) -> Path:
+    """Run `variant` on the run's data and write its results; returns its metrics.json.
+    `attempt`: Airflow's try number (1 outside Airflow), kept in the record."""
     method = registry.method(variant.method)
     # one process per variant: a second one (a task Airflow thought lost, a CLI run beside
     # a DAG run) would overwrite this one's checkpoints and results
     with exclusive(paths.run_dir / ".locks" / f"{variant.name}.lock", f"variant {variant.name}"):
-        return _run(variant, method, config, paths, device)
+        return _run(variant, method, config, paths, device, attempt)
 
 
 def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
-         paths: RunPaths, device: str | None) -> Path:
+         paths: RunPaths, device: str | None, attempt: int) -> Path:
+    from tasks import tracking
+
     record = MetricsRecord.start(variant, config.model, config.preset)
+    record.attempt = attempt
     record.input_budget = input_budget(
         method.reads, read_json(paths.tokens_json) if paths.tokens_json.exists() else None)
+    tracked = tracking.variant_run(variant, paths)  # inactive unless MLflow tracking is on
     try:
         module = importlib.import_module(method.module)
-        with _device(method.uses_encoder, device) as leased:
+        with _device(method.uses_encoder, device, variant, config) as leased:
             record.device = leased
             job = Job(variant, config, paths, record, leased, _precision(method, config, leased))
             if method.uses_encoder:
@@ -60,9 +65,10 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
             if method.trained:
                 from tasks.train import train_variant
 
-                predictions = train_variant(job, module)
+                predictions = train_variant(job, module, on_log=tracked.log_progress)
             else:
                 predictions = module.predict(job)
+        log.info("%s: scoring validation and test predictions", variant.name)
         path = record.finish(paths, (labels(paths, "validation"), predictions.validation),
                              (labels(paths, "test"), predictions.test))
         log.info("%s: validation accuracy %.4f, test accuracy %.4f", variant.name,
@@ -75,28 +81,34 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         log.exception("variant %s failed", variant.name)
         record.fail(paths, err)
         raise
+    finally:
+        tracked.finish(record, paths)  # after metrics.json: a copy, never the cause of a failure
 
 
 def _precision(method: registry.Method, config: ExperimentConfig, device: str) -> str:
-    """The run's precision setting resolved on `device`, once for the whole variant. Methods
-    that do not run the encoder compute in numpy (fp32 or wider) and need no torch."""
+    """The run's precision setting resolved on `device`, once for the whole variant: for a
+    trained method at its training batch's shape (batch_size x max_length tokens), for a
+    baseline at none given. Methods that do not run the encoder compute in numpy (fp32 or
+    wider) and need no torch."""
     if not method.uses_encoder:
         return "fp32"
     from tasks.evaluate import resolve_precision
 
-    return resolve_precision(config.precision, device)
+    tokens = config.batch_size * config.max_length if method.trained else None
+    return resolve_precision(config.precision, device, tokens)
 
 
 @contextlib.contextmanager
-def _device(uses_encoder: bool, given: str | None):
-    """The device a variant runs on: the caller's, else a GPU lease (one task per GPU)
-    for methods that run the encoder, else the CPU."""
+def _device(uses_encoder: bool, given: str | None, variant: Variant, config: ExperimentConfig):
+    """The device a variant runs on: the caller's, else a GPU lease (a slot of a GPU, or
+    all of one for a variant too large to share it) for methods that run the encoder, else
+    the CPU."""
     if given or not uses_encoder:
         yield given or "cpu"
         return
-    from tasks.gpu import gpu_lease
+    from tasks.gpu import gpu_lease, variant_peak_bytes
 
-    with gpu_lease() as leased:
+    with gpu_lease(peak_bytes=lambda: variant_peak_bytes(variant, config)) as leased:
         if leased.startswith("cuda"):  # nothing in this process may touch another GPU
             import torch
 

@@ -86,3 +86,33 @@ def test_worker_hostname_names_the_worker(monkeypatch):
     host = loraflow_hostname.worker_hostname()
     monkeypatch.setenv("LORAFLOW_WORKER_NAME", "gpu-1")
     assert loraflow_hostname.worker_hostname() == f"gpu-1.{host}"
+
+
+@pytest.mark.parametrize("gpus, workers, k, concurrency, pool", [
+    (0, 2, 3, ["1", "1"], 2),  # no GPU: one task per worker, as before
+    (2, 2, 3, ["3", "3"], 6),
+    (2, 3, 4, ["4", "4", "1"], 9),  # the third worker has no GPU of its own: the CPU, one task
+])
+def test_gpu_workers_run_k_tasks_and_the_pool_counts_them(opts, tmp_path, gpus, workers, k,
+                                                          concurrency, pool):
+    opts.gpu_workers, opts.resolved_tasks_per_gpu = workers, (k if gpus else 1)
+    gpu = [c for c in cluster_env.components(opts, gpus) if c.queue == "gpu"]
+    assert [c.args[c.args.index("--concurrency") + 1] for c in gpu] == concurrency
+    assert cluster_env.pool_slots(opts, gpus) == pool
+    # every component (so every task's lease) gets the resolved k
+    assert cluster_env.settings(opts, tmp_path / "home")["LORAFLOW_TASKS_PER_GPU"] == str(opts.resolved_tasks_per_gpu)
+
+
+def test_tasks_per_gpu_flag_wins_and_no_gpu_means_one(opts, monkeypatch):
+    from tasks import slots
+
+    monkeypatch.setenv("LORAFLOW_TASKS_PER_GPU", "2")
+    monkeypatch.setattr(slots, "nvidia_smi_gpus", lambda: [slots.Gpu(0, 80 << 30, 80 << 30)])
+    assert cluster_env.tasks_per_gpu(opts) == 2
+    opts.tasks_per_gpu = "5"
+    assert cluster_env.tasks_per_gpu(opts) == 5
+    monkeypatch.setattr(slots, "nvidia_smi_gpus", lambda: [])
+    assert cluster_env.tasks_per_gpu(opts) == 1
+    opts.tasks_per_gpu = "lots"
+    with pytest.raises(ValueError, match="got 'lots'"):
+        cluster_env.tasks_per_gpu(opts)

@@ -108,3 +108,9 @@ def test_a_conf_the_schema_allows_but_the_config_refuses_fails_in_prepare(
     assert all(s == "upstream_failed" for (t, _), s in states.items()
                if t not in ("prepare", "report", "check_variants")), states
     assert not (artifacts / "runs").exists()  # nothing was written
+    # ...but why it stopped is recorded, for check_variants (which fails saying so) and the
+    # Report tab
+    from tasks import failures
+
+    assert states[("check_variants", -1)] == "failed"
+    assert failures.read(dag_run.run_id)["error"].startswith("unknown config fields ['rank']")
