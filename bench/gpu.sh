@@ -61,7 +61,7 @@ if [ "$DRY" = 1 ]; then
   check "data folder has train.parquet and test.parquet" \
     test -f "$DATA/train.parquet" -a -f "$DATA/test.parquet"
   check "benchmark modules import" \
-    "$PY" -c "import bench.run, bench.step, bench.sweep, bench.flops, bench.report"
+    "$PY" -c "import bench.run, bench.common, bench.inference, bench.step, bench.sweep, bench.flops, bench.report"
   check "loraflow bench parses --sweep --device cuda --data --out" "$PY" -c \
     "from tasks.cli import build_parser; a = build_parser().parse_args(['bench', '--sweep', '--device', 'cuda', '--data', '$DATA', '--out', '$OUT_DIR']); assert (a.sweep, a.device, a.out) == (True, 'cuda', '$OUT_DIR')"
   check "the data holds the sweep's rows (cpu preset: 2,500 train-split, 1,000 test)" "$PY" -c \

@@ -52,7 +52,7 @@ def is_reference(row: dict[str, Any]) -> bool:
 
 def build_model(source: str, contender: Contender) -> torch.nn.Module:
     """The model with exactly the contender's parameters trainable."""
-    from bench.run import load_model
+    from bench.common import load_model
     from lora_core.inject import TARGET_PRESETS, head_module_names, inject_lora
 
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: s
 def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
                 device: str) -> list[dict[str, Any]]:
     """ms per step of every contender on `source`, median over interleaved rounds."""
-    from tasks.evaluate import autocast_dtype, precision_label
+    from tasks.evaluate import resolve_precision
 
     runs = []
     for c in contenders():
@@ -122,8 +122,8 @@ def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
     for c, _, trainable, params in runs:
         rows.append({"model": source, "name": c.name, "implementation": c.implementation,
                      "method": c.method, "precision_setting": c.precision,
-                     "precision": precision_label(autocast_dtype(
-                         c.precision, device, tokens_per_batch=batch["input_ids"].numel())),
+                     "precision": resolve_precision(c.precision, device,
+                                                    batch["input_ids"].numel()),
                      "ms_per_step": 1000 * statistics.median(times[c.name]),
                      "rounds": rounds, "params_trainable": trainable, "params_total": params,
                      "tokens_per_step": tokens})

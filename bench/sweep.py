@@ -221,7 +221,7 @@ def time_full_step(source: str, batch: dict[str, Any], dev: str, dtype, warmup: 
     timed steps) and the model's parameter count."""
     import torch
 
-    from bench.run import load_model
+    from bench.common import load_model
     from tasks.evaluate import autocast
     from tasks.train import optimizer_options, to_device
 
@@ -366,7 +366,7 @@ def default_k(device: str, n: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import machine
+    from bench.common import machine
 
     parser = argparse.ArgumentParser(prog="loraflow bench --sweep")
     parser.add_argument("--quick", action="store_true", help="tiny random model: seconds")

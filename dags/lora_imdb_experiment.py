@@ -61,9 +61,9 @@ from airflow.sdk.exceptions import AirflowSkipException
 # Standard library only, so parsing stays fast; the ML stack is imported in task bodies.
 from tasks import registry
 from tasks.config import (
+    BOUNDS,
     DEFAULT_PRESET,
     INTEGER_PATTERN,
-    MAX_TOKENS,
     NUMBER_PATTERN,
     PRECISIONS,
     PRESETS,
@@ -71,10 +71,12 @@ from tasks.config import (
     TRUNCATIONS,
     list_pattern,
     preset_config,
+    schema_bounds,
 )
 from tasks.registry import TARGETS_PATTERN
+from tasks.steps import DAG_ID, DATA_STEPS, Step, schedule
 
-DAG_ID = "lora_imdb_experiment"
+SCHEDULE = schedule()  # read once: the form's text and the timetable say the same
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
 EMPTY = " Empty: the preset's value."
 PRESET_VALUE = "(preset's value)"  # what an empty dropdown reads
@@ -119,15 +121,25 @@ def _preset_label(name: str) -> str:
 
 
 def _schedule_text() -> str:
-    value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
-    if value.lower() in ("", "none", "null"):
+    if SCHEDULE is None:
         return "No schedule: this DAG runs only when triggered."
-    return (f"Schedule: `{value}` (UTC) with the default preset `{DEFAULT_PRESET}`; "
+    return (f"Schedule: `{SCHEDULE}` (UTC) with the default preset `{DEFAULT_PRESET}`; "
             "triggering here does not change it, but unpausing the DAG starts it.")
 
 
 def _list(kind: str, **items: Any) -> dict[str, Any]:
     return {"type": ["null", "array"], "uniqueItems": True, "items": {"type": kind, **items}}
+
+
+def _number(name: str) -> dict[str, Any]:
+    """An optional number field with tasks.config's bounds for `name`."""
+    kind = "integer" if BOUNDS[name][0] is int else "number"
+    return {"type": ["null", kind], **schema_bounds(name)}
+
+
+def _range(name: str) -> str:
+    bounds = schema_bounds(name)
+    return f"{bounds['minimum']:,} to {bounds['maximum']:,}"
 
 
 def _typed_list(kind: str, **items: Any) -> dict[str, Any]:
@@ -166,26 +178,23 @@ PARAMS: dict[str, Param] = {
                     + " The presets use $LORAFLOW_DATA when it is set.",
     ),
     "train_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
-        title="Training examples", section="Data subset",
-        description=f"Rows drawn from the training split (1 to {IMDB_SPLIT_ROWS:,})." + EMPTY,
+        None, **_number("train_size"), title="Training examples", section="Data subset",
+        description=f"Rows drawn from the training split (IMDB's has {IMDB_SPLIT_ROWS:,}; "
+                    "prepare checks the source holds enough)." + EMPTY,
     ),
     "val_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
-        title="Validation examples", section="Data subset",
+        None, **_number("val_size"), title="Validation examples", section="Data subset",
         description="Rows drawn from the training split, disjoint from the training rows; "
                     "every choice is made on them." + EMPTY,
     ),
     "test_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
-        title="Test examples", section="Data subset",
-        description=f"Rows drawn from the test split (1 to {IMDB_SPLIT_ROWS:,}); scored once "
-                    "per variant." + EMPTY,
+        None, **_number("test_size"), title="Test examples", section="Data subset",
+        description=f"Rows drawn from the test split (IMDB's has {IMDB_SPLIT_ROWS:,}); scored "
+                    "once per variant." + EMPTY,
     ),
     "max_length": Param(
-        None, type=["null", "integer"], minimum=8, maximum=MAX_TOKENS,
-        title="Max tokens", section="Data subset",
-        description=f"Tokens per review after truncation (8 to {MAX_TOKENS})." + EMPTY,
+        None, **_number("max_length"), title="Max tokens", section="Data subset",
+        description=f"Tokens per review after truncation ({_range('max_length')})." + EMPTY,
     ),
     "truncation": Param(
         None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
@@ -196,12 +205,12 @@ PARAMS: dict[str, Param] = {
                     "of the budget; Sun et al. 2019)." + EMPTY,
     ),
     "epochs": Param(
-        None, type=["null", "integer"], minimum=1, maximum=50, title="Epochs",
-        section="Training", description="Training epochs (1 to 50)." + EMPTY,
+        None, **_number("epochs"), title="Epochs", section="Training",
+        description=f"Training epochs ({_range('epochs')})." + EMPTY,
     ),
     "batch_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
-        section="Training", description="Examples per optimizer step (1 to 1024)." + EMPTY,
+        None, **_number("batch_size"), title="Batch size", section="Training",
+        description=f"Examples per optimizer step ({_range('batch_size')})." + EMPTY,
     ),
     "precision": Param(
         None, type=["null", "string"], enum=[None, *PRECISIONS], title="Precision",
@@ -213,20 +222,20 @@ PARAMS: dict[str, Param] = {
                     "CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs a CUDA GPU." + EMPTY,
     ),
     "lora_lr": Param(
-        None, **_typed_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        None, **_typed_list("number", **schema_bounds("lora_lr")),
         title="LoRA learning rates", section="Sweep",
         description="Comma-separated or one per line, e.g. 1e-3, 2e-3: LoRA (and BitFit) are "
                     "tuned over these, choosing on validation. Give full fine-tuning as "
                     "many." + EMPTY,
     ),
     "full_lr": Param(
-        None, **_typed_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        None, **_typed_list("number", **schema_bounds("full_lr")),
         title="Full fine-tuning learning rates", section="Sweep",
         description="Comma-separated or one per line, e.g. 5e-5, 1e-4; as many as the LoRA "
                     "learning rates." + EMPTY,
     ),
     "ranks": Param(
-        None, **_typed_list("integer", minimum=1, maximum=1024), title="LoRA ranks",
+        None, **_typed_list("integer", **schema_bounds("ranks")), title="LoRA ranks",
         section="Sweep",
         description="Comma-separated or one per line, e.g. 4, 8, 16. One LoRA task per rank "
                     "× target set × learning rate × seed." + EMPTY,
@@ -238,7 +247,7 @@ PARAMS: dict[str, Param] = {
                     + " or comma-separated module names such as q_lin,v_lin." + EMPTY,
     ),
     "seeds": Param(
-        None, **_typed_list("integer", minimum=0, maximum=2**31 - 1), title="Seeds",
+        None, **_typed_list("integer", **schema_bounds("seeds")), title="Seeds",
         section="Sweep",
         description="Comma-separated or one per line, e.g. 1, 2, 3: each seed repeats every "
                     "trained configuration, and results are averaged over them." + EMPTY,
@@ -246,16 +255,14 @@ PARAMS: dict[str, Param] = {
 }
 
 
-def _schedule() -> CronTriggerTimetable | None:
-    """`$LORAFLOW_SCHEDULE`: a cron expression or preset such as `@weekly` (UTC); `none` (or
-    empty) for manual runs only."""
-    value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
-    if value.lower() in ("", "none", "null"):
+def _timetable() -> CronTriggerTimetable | None:
+    """The schedule (tasks.steps.schedule) as a timetable; None for manual runs only."""
+    if SCHEDULE is None:
         return None
     # run_immediately=0: unpausing waits for the next slot. By default Airflow would start
     # the latest past slot when it lies within 10% of the period (16.8 h for @weekly): a
     # `cpu` run next to the one the user is triggering from the form.
-    return CronTriggerTimetable(value, timezone="UTC", run_immediately=timedelta(0))
+    return CronTriggerTimetable(SCHEDULE, timezone="UTC", run_immediately=timedelta(0))
 
 
 # Retries are for what may pass next time (network, out of memory, a lost worker). Our
@@ -276,6 +283,12 @@ ON_GPU: dict[str, Any] = {
     "pool": "gpu", "queue": "gpu", **RETRY, "execution_timeout": timedelta(hours=12),
 }
 VARIANT_NAME = "{{ task.op_kwargs['variant']['name'] }}"
+# Task settings of each data step (tasks.steps.DATA_STEPS), by step name.
+DATA_TASK: dict[str, dict[str, Any]] = {
+    "download": {**RETRY, "execution_timeout": timedelta(hours=2)},
+    "validate": {"execution_timeout": timedelta(minutes=30)},  # bad data stays bad: no retries
+    "tokenize": {**RETRY, "execution_timeout": timedelta(hours=1)},
+}
 
 
 def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
@@ -308,7 +321,7 @@ def _data_step(step: str, fn: Any, run_dir: str) -> str:
     description="Baselines, a LoRA sweep and full fine-tuning of an encoder on IMDB, chosen "
                 "on validation, with a report",
     doc_md=__doc__,
-    schedule=_schedule(),
+    schedule=_timetable(),
     # No start_date: with one, unpausing would start the latest past slot at once.
     catchup=False,
     max_active_runs=1,
@@ -347,23 +360,13 @@ def lora_imdb_experiment():
 
         return select(plan)
 
-    @task(**RETRY, execution_timeout=timedelta(hours=2))
-    def download_dataset(run_dir: str) -> str:
-        from tasks.data import download_dataset
+    def data_task(step: Step) -> Any:
+        """The task of one data step (tasks.steps.DATA_STEPS), with its settings above."""
+        @task(task_id=step.task_id, **DATA_TASK[step.name])
+        def run_step(run_dir: str) -> str:
+            return _data_step(step.task_id, step.function(), run_dir)
 
-        return _data_step("download_dataset", download_dataset, run_dir)
-
-    @task(execution_timeout=timedelta(minutes=30))  # bad data stays bad: no retries
-    def validate_dataset(run_dir: str) -> str:
-        from tasks.validate import validate_dataset
-
-        return _data_step("validate_dataset", validate_dataset, run_dir)
-
-    @task(**RETRY, execution_timeout=timedelta(hours=1))
-    def tokenize(run_dir: str) -> str:
-        from tasks.tokenize import tokenize_dataset
-
-        return _data_step("tokenize", tokenize_dataset, run_dir)
+        return run_step
 
     @task(**RETRY, execution_timeout=timedelta(hours=2), map_index_template=VARIANT_NAME)
     def cpu_variants(run_dir: str, variant: dict[str, Any]) -> str:
@@ -397,7 +400,9 @@ def lora_imdb_experiment():
         raise RuntimeError(what_failed(get_current_context()["run_id"], run_dir))
 
     plan = prepare()
-    ready = tokenize(validate_dataset(download_dataset(plan["run_dir"])))
+    ready = plan["run_dir"]
+    for step in DATA_STEPS:  # download, validate, tokenize: each after the one before
+        ready = data_task(step)(ready)
     variants = [
         cpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "cpu")),
         gpu_variants.partial(run_dir=ready).expand(variant=pick(plan, "gpu")),

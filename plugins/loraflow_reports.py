@@ -23,8 +23,8 @@ from urllib.parse import quote
 from airflow.plugins_manager import AirflowPlugin
 
 from tasks.paths import report_slug, reports_root, safe_run_id
+from tasks.steps import DAG_ID
 
-DAG_ID = "lora_imdb_experiment"  # dags/lora_imdb_experiment.py (tests/plugins check it)
 URL_PREFIX = "/loraflow"  # tasks.paths.report_url builds URLs under it
 REPORT_PAGE = "report.html"
 

@@ -7,7 +7,7 @@ source "$(dirname "$0")/airflow_env.sh"
 PRESET="${1:-cpu}"
 EXTRA="${2:-}"
 [ -n "$EXTRA" ] || EXTRA="{}"
-DAG_ID=lora_imdb_experiment
+DAG_ID="$("$PY" -c 'from tasks.steps import DAG_ID; print(DAG_ID)')"
 
 # The trigger conf: the preset, the local data when $LORAFLOW_DATA is set, then EXTRA.
 CONF="$("$PY" - "$PRESET" "$EXTRA" <<'PYEOF'

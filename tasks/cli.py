@@ -32,6 +32,7 @@ from tasks.config import (
 )
 from tasks.paths import InUse, exclusive
 from tasks.registry import Variant
+from tasks.steps import DATA_STEPS, data_step
 
 BASELINES = [m.name for m in registry.METHODS.values() if not m.trained]
 TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = step.add_parser("prepare", help="create a run folder from a preset + overrides")
     _add_config_options(prepare)
     _add_run_location(prepare)
-    for name in ("download", "validate", "tokenize", "report"):
+    for name in [s.name for s in DATA_STEPS] + ["report"]:
         step.add_parser(name, help=f"the {name} step of a prepared run")
     baseline = step.add_parser("baseline", help="one baseline of a prepared run")
     baseline.add_argument("name", choices=BASELINES)
@@ -203,25 +204,18 @@ def _step(args) -> int:
 
 
 def _one_step(args, config: ExperimentConfig, paths) -> int:
-    if args.step == "download":
-        from tasks.data import download_dataset as step_fn
-    elif args.step == "validate":
-        from tasks.validate import validate_dataset as step_fn
-    elif args.step == "tokenize":
-        from tasks.tokenize import tokenize_dataset as step_fn
+    if args.step in {s.name for s in DATA_STEPS}:
+        print(data_step(args.step).function()(config, paths))
     elif args.step == "report":
         from tasks.report import build_report
 
         print(f"report: {build_report(paths.run_dir, paths.reports)}")
-        return 0
     else:
         from tasks.variants import run_variant
 
         variant = (Variant(args.name) if args.step == "baseline"
                    else train_variant_from_args(args, config))
         print(run_variant(variant, config, paths))
-        return 0
-    print(step_fn(config, paths))
     return 0
 
 

@@ -17,13 +17,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import pandas as pd
 import torch
 
 from tasks.metrics import classification_scores
+
+if TYPE_CHECKING:
+    from tasks.job import MergeableMethod
 
 # --- batches --------------------------------------------------------------------------------
 
@@ -100,6 +103,14 @@ def autocast_dtype(precision: str, device: str | torch.device,
 
 def precision_label(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def resolve_precision(precision: str, device: str | torch.device,
+                      tokens_per_batch: int | None = None) -> str:
+    """What a precision setting (`auto` included) is on `device` for batches of
+    `tokens_per_batch` tokens: fp32, bf16 or fp16. The one place `auto` is decided for a
+    variant; tasks.variants carries the answer in the Job."""
+    return precision_label(autocast_dtype(precision, device, tokens_per_batch))
 
 
 def autocast(device: str | torch.device,
@@ -214,7 +225,8 @@ LATENCY_ROUNDS = 3
 
 
 def latency_fields(model: torch.nn.Module, frame: pd.DataFrame, device: str,
-                   dtype: torch.dtype | None = None, adapter: Any = None,
+                   dtype: torch.dtype | None = None,
+                   adapter: MergeableMethod | None = None,
                    rounds: int = LATENCY_ROUNDS) -> dict[str, Any]:
     """Batch-1 latency per example: the median of `rounds` timings of the first 32 rows.
 

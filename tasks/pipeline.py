@@ -12,6 +12,7 @@ from typing import Any
 from tasks.config import DEFAULT_PRESET, ExperimentConfig, preset_config
 from tasks.environment import environment
 from tasks.paths import RunPaths, read_json, write_json
+from tasks.steps import DATA_STEPS, StepNotRun
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +74,23 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
 
 
 def load_run(run_dir: Path | str, reports: Path | str | None = None) -> tuple[ExperimentConfig, RunPaths]:
+    """The config and paths of a prepared run (`prepare_run` made its folder); the report's
+    reading of a run's stored results is tasks.report.load.load_stored_run."""
     paths = RunPaths.from_run_dir(run_dir, reports)
     if not paths.config_json.exists():
-        raise FileNotFoundError(f"{paths.config_json} is missing: was the run prepared?")
+        raise StepNotRun(paths.config_json, "prepare")
     return ExperimentConfig.from_dict(read_json(paths.config_json)), paths
 
 
 def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
     """Every step in DAG order, in this process. A failing variant is recorded and the
     others go on (as in the DAG); a failing data step stops the run. Returns the report."""
-    from tasks import data, report, tokenize, tracking, validate
+    from tasks import report, tracking
     from tasks.variants import run_variant
 
     tracking.start_run(paths)  # a parent run in MLflow when tracking is on
-    data.download_dataset(config, paths)
-    validate.validate_dataset(config, paths)
-    tokenize.tokenize_dataset(config, paths)
+    for step in DATA_STEPS:
+        step.function()(config, paths)
     for variant in config.variants():
         _keep_going(variant.name, run_variant, variant, config, paths)
     page = report.build_report(paths.run_dir, paths.reports)

@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +48,6 @@ from tasks.environment import progress_disabled
 from tasks.evaluate import (
     PeakMemory,
     autocast,
-    autocast_dtype,
     latency_fields,
     pad_batch,
     pad_id_of,
@@ -58,10 +56,8 @@ from tasks.evaluate import (
     scores_from_logits,
     softmax_positive,
 )
+from tasks.job import Job, Predictions, TrainedMethod
 from tasks.paths import atomic_dir
-
-if TYPE_CHECKING:
-    from tasks.variants import Job, Predictions
 
 log = logging.getLogger(__name__)
 
@@ -269,21 +265,20 @@ def hyperparameters(config: ExperimentConfig, lr: float) -> dict[str, Any]:
             "schedule": "linear warm-up and decay", "precision_setting": config.precision}
 
 
-def train_variant(job: Job, module: ModuleType, on_log: ProgressHook | None = None) -> Predictions:
+def train_variant(job: Job, module: TrainedMethod,
+                  on_log: ProgressHook | None = None) -> Predictions:
     """Train `job.variant` with the method `module`; fill the record with what was measured,
     save the model (atomically) and return the final model's validation and test
     probabilities."""
     from lora_core.accounting import count_parameters, parameter_breakdown
     from tasks.models import load_classifier
     from tasks.tokenize import load_split
-    from tasks.variants import Predictions
 
     variant, config, record, device = job.variant, job.config, job.record, job.device
     method = registry.method(variant.method)
     frames = {split: load_split(job.paths, split) for split in ("train", "validation", "test")}
-    dtype = autocast_dtype(config.precision, device,
-                           tokens_per_batch=config.batch_size * config.max_length)
-    record.precision = precision_label(dtype)
+    dtype = job.dtype  # the run's setting at the training batch's shape (tasks.variants)
+    record.precision = job.precision
     record.hyperparameters.update(hyperparameters(config, variant.lr))
     record.hyperparameters["fp32_matmul"] = "tf32" if use_tf32(device) else "ieee"
     seed_everything(variant.seed)

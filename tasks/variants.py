@@ -1,7 +1,9 @@
 """Run one variant, whatever its method: the record's lifecycle around the method's module.
 
 `run_variant` looks the method up in the registry, takes a GPU lease when the method runs
-the encoder (unless the caller leased one already), calls the method's module, scores the
+the encoder (unless the caller leased one already), resolves the run's precision setting on
+that device (once: the method gets it in its `Job`, tasks/job.py, the contract every method
+module imports instead of this dispatcher), calls the method's module, scores the
 validation and test predictions it returns, and writes `predictions.parquet` and
 `metrics.json`. A method that cannot run on this model raises `NotApplicable`: the
 variant is recorded as not applicable, with the reason, and the run goes on. Any other
@@ -13,49 +15,20 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from tasks import registry
 from tasks.config import ExperimentConfig
+from tasks.job import Job, NotApplicable
 from tasks.metrics import MetricsRecord
 from tasks.paths import RunPaths, exclusive, read_json
 from tasks.registry import Variant
 from tasks.text import input_budget
 
 log = logging.getLogger(__name__)
-
-
-class NotApplicable(Exception):
-    """The method cannot run on this model (e.g. zero-shot on random weights)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Predictions(NamedTuple):
-    validation: np.ndarray  # P(positive) per row of data/validation.parquet, in order
-    test: np.ndarray  # ... and of data/test.parquet
-
-
-@dataclass
-class Job:
-    """What a method's module gets: the variant, the run, its record and its device."""
-
-    variant: Variant
-    config: ExperimentConfig
-    paths: RunPaths
-    record: MetricsRecord
-    device: str
-
-    @property
-    def out(self) -> Path:
-        return self.paths.variant_dir(self.variant.name)
 
 
 def labels(paths: RunPaths, split: str) -> np.ndarray:
@@ -86,7 +59,9 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         module = importlib.import_module(method.module)
         with _device(method.uses_encoder, device, variant, config) as leased:
             record.device = leased
-            job = Job(variant, config, paths, record, leased)
+            job = Job(variant, config, paths, record, leased, _precision(method, config, leased))
+            if method.uses_encoder:
+                record.precision = job.precision
             if method.trained:
                 from tasks.train import train_variant
 
@@ -108,6 +83,19 @@ def _run(variant: Variant, method: registry.Method, config: ExperimentConfig,
         raise
     finally:
         tracked.finish(record, paths)  # after metrics.json: a copy, never the cause of a failure
+
+
+def _precision(method: registry.Method, config: ExperimentConfig, device: str) -> str:
+    """The run's precision setting resolved on `device`, once for the whole variant: for a
+    trained method at its training batch's shape (batch_size x max_length tokens), for a
+    baseline at none given. Methods that do not run the encoder compute in numpy (fp32 or
+    wider) and need no torch."""
+    if not method.uses_encoder:
+        return "fp32"
+    from tasks.evaluate import resolve_precision
+
+    tokens = config.batch_size * config.max_length if method.trained else None
+    return resolve_precision(config.precision, device, tokens)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from tasks.report.compute import (
     select,
 )
 from tasks.report.format import COLUMNS, FILTERS, as_int, csv_table, fmt_time, markdown_table
-from tasks.report.load import StoredRun, load_run
+from tasks.report.load import StoredRun, load_stored_run
 from tasks.report.sections import (
     class_balance,
     expectation_rows,
@@ -146,7 +146,7 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
     root = Path(reports_root) if reports_root is not None else default_reports_root()
     out = root.resolve() / report_slug(run_id)
 
-    run = load_run(run_dir)
+    run = load_stored_run(run_dir)
     configs = configurations(run)
     chosen = select(configs)
     head = headline(run, configs, chosen)

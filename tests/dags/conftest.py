@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.steps import DAG_ID  # noqa: F401  (the tests import it from here)
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 DAGS_DIR = PROJECT_DIR / "dags"
 PLUGINS_DIR = PROJECT_DIR / "plugins"
-DAG_ID = "lora_imdb_experiment"
 
 _HOME = Path(tempfile.mkdtemp(prefix="loraflow-airflow-home-"))
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)

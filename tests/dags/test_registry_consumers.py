@@ -89,12 +89,23 @@ def test_the_variant_tasks_read_back_what_the_plan_holds(all_methods_config):
         assert Variant.from_dict(v.to_dict()) == v  # XCom carries the dict
 
 
+def _members(protocol: type) -> set[str]:
+    """The functions a protocol of tasks.job asks for, its bases' included."""
+    return {n for cls in protocol.__mro__ if cls.__module__ == "tasks.job"
+            for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_method_has_its_module(name):
+    from tasks.job import Baseline, MergeableMethod, TrainedMethod
+
     method = METHODS[name]
     module = importlib.import_module(method.module)
-    needs = ("make_trainable", "save") if method.trained else ("predict",)
-    needs += ("merge", "bare") if method.mergeable else ()
+    contract = (MergeableMethod if method.mergeable else TrainedMethod) if method.trained \
+        else Baseline
+    needs = _members(contract)
+    assert needs >= ({"make_trainable", "save"} if method.trained else {"predict"})
+    assert needs >= ({"merge", "bare"} if method.mergeable else set())
     assert all(callable(getattr(module, f, None)) for f in needs), (name, needs)
     if method.trained:  # its learning rates are a config field (a sweep dimension)
         assert isinstance(getattr(preset_config("smoke"), method.lr_field), tuple)

@@ -10,7 +10,7 @@ import pytest
 
 from tasks import registry
 from tasks.config import (
-    _BOUNDS,
+    BOUNDS,
     DEFAULT_PRESET,
     MAX_VARIANTS,
     PRESETS,
@@ -128,9 +128,9 @@ def test_invalid_values_are_refused_with_a_message_naming_them(overrides, messag
         preset_config("smoke", **overrides)
 
 
-@pytest.mark.parametrize("name", sorted(_BOUNDS))
+@pytest.mark.parametrize("name", sorted(BOUNDS))
 def test_every_bounded_field_refuses_values_outside_its_bounds_and_of_the_wrong_type(name):
-    kind, low, high = _BOUNDS[name]
+    kind, low, high = BOUNDS[name]
     base = preset_config("smoke", data="x")
     step = 1 if kind is int else 1e-6 * max(1.0, abs(high))
     for bad in (low - step, high + 2 * step, True, "1", None):
@@ -146,8 +146,8 @@ def test_every_field_of_the_config_is_checked():
     from tasks.config import _TUPLE_FIELDS
 
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    assert names == set(_TUPLE_FIELDS) | set(_BOUNDS) | {"preset", "model", "data", "precision",
-                                                                 "truncation"}
+    assert names == set(_TUPLE_FIELDS) | set(BOUNDS) | {"preset", "model", "data", "precision",
+                                                                "truncation"}
 
 
 def test_unequal_learning_rate_counts_break_the_same_tuning_budget():

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import data
+from tasks import data, sources
 from tasks.paths import SPLITS, RunPaths, read_json
 from tasks.text import normalise
 
@@ -285,8 +285,8 @@ def test_bad_sources_raise_clear_value_errors(smoke_run, imdb_sample, tmp_path, 
 def test_canonical_stanford_url_has_the_published_checksum():
     for url in ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
                 "http://ai.stanford.edu/%7Eamaas/data/sentiment/aclImdb_v1.tar.gz"):
-        assert data.expected_sha256(url) == data.CANONICAL_SHA256
-    assert data.expected_sha256("https://mirror/a.tar.gz#sha256=" + "AB" * 32) == "ab" * 32
+        assert sources.expected_sha256(url) == sources.CANONICAL_SHA256
+    assert sources.expected_sha256("https://mirror/a.tar.gz#sha256=" + "AB" * 32) == "ab" * 32
 
 
 @pytest.mark.usefixtures("private_cache")  # looks into the cache
@@ -379,7 +379,7 @@ def test_safe_extract_refuses_escaping_members_before_writing(imdb_sample, tmp_p
     archive = tmp_path / "evil.tar.gz"
     _tarball(tmp_path / "src", archive, [member(out)])
     with pytest.raises(ValueError, match=f"refusing to extract evil.tar.gz: member .*{message}"):
-        data.safe_extract(archive, out)
+        sources.safe_extract(archive, out)
     assert list(out.rglob("*")) == [] and not (tmp_path / "evil.txt").exists()
 
 
@@ -388,7 +388,7 @@ def test_safe_extract_takes_only_review_files(imdb_sample, tmp_path):
     (tmp_path / "src" / "aclImdb" / "imdb.vocab").write_text("the\n")
     archive = tmp_path / "a.tar.gz"
     _tarball(tmp_path / "src", archive)
-    data.safe_extract(archive, tmp_path / "out")
+    sources.safe_extract(archive, tmp_path / "out")
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) == 4 * PER_CLASS  # 2 splits x 2 labels; imdb.vocab left out
     assert all(p.suffix == ".txt" and p.parent.name in ("pos", "neg") for p in files)
