@@ -5,7 +5,7 @@ projections q, k, v, o plus the classification head, as lora_core's `inject_lora
 loraflow's LoRA at fp32 and at loraflow's default precision (`auto`), PEFT's LoRA at fp32
 (its default) and under the same autocast as loraflow's `auto`, and full fine-tuning at
 fp32 and `auto`. The step is the one tasks.train runs: forward under autocast, backward,
-gradient clipping at 1.0, AdamW update.
+gradient clipping at 1.0, AdamW update (fused, with TF32 matmuls, on CUDA).
 
 Rounds are interleaved (round 1: every contender once, round 2: ...) and each contender's
 median is reported, so drift in machine load hits every contender alike.
@@ -52,7 +52,7 @@ def is_reference(row: dict[str, Any]) -> bool:
 
 def build_model(source: str, contender: Contender) -> torch.nn.Module:
     """The model with exactly the contender's parameters trainable."""
-    from bench.run import load_model
+    from bench.common import load_model
     from lora_core.inject import TARGET_PRESETS, head_module_names, inject_lora
 
     torch.manual_seed(0)
@@ -74,13 +74,15 @@ def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: s
             device: str) -> Callable[[], None]:
     """One training step of tasks.train's loop, synchronised on CUDA so the clock is true."""
     from tasks.evaluate import autocast, autocast_dtype
+    from tasks.train import optimizer_options, use_tf32
 
-    dtype = autocast_dtype(precision, device)
+    use_tf32(device)
+    dtype = autocast_dtype(precision, device, tokens_per_batch=batch["input_ids"].numel())
     model.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, **optimizer_options(device))  # fused on CUDA
 
     def step() -> None:
         with autocast(device, dtype):
@@ -98,7 +100,7 @@ def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: s
 def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
                 device: str) -> list[dict[str, Any]]:
     """ms per step of every contender on `source`, median over interleaved rounds."""
-    from tasks.evaluate import autocast_dtype, precision_label
+    from tasks.evaluate import resolve_precision
 
     runs = []
     for c in contenders():
@@ -120,7 +122,8 @@ def bench_steps(source: str, batch: dict[str, torch.Tensor], rounds: int,
     for c, _, trainable, params in runs:
         rows.append({"model": source, "name": c.name, "implementation": c.implementation,
                      "method": c.method, "precision_setting": c.precision,
-                     "precision": precision_label(autocast_dtype(c.precision, device)),
+                     "precision": resolve_precision(c.precision, device,
+                                                    batch["input_ids"].numel()),
                      "ms_per_step": 1000 * statistics.median(times[c.name]),
                      "rounds": rounds, "params_trainable": trainable, "params_total": params,
                      "tokens_per_step": tokens})

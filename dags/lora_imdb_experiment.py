@@ -52,8 +52,9 @@ slackwebhook with the Slack provider): one message per failed run (a regression 
 such), per successful run (headline and report URL), and when a run is still going
 `LORAFLOW_DEADLINE_HOURS` (default 24) after it was queued. Without it nothing is sent.
 
-**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (one slot per GPU)
-and queue `gpu`; inside, a GPU lease (a lock per device) keeps two tasks off one GPU.
+**GPUs.** Every variant whose method runs the encoder uses pool `gpu` (GPUs x k slots,
+k = LORAFLOW_TASKS_PER_GPU) and queue `gpu`; inside, a GPU lease (k locks per device)
+keeps more than k tasks off one GPU, and a variant too large to share one takes it whole.
 Without a GPU they run on the CPU.
 
 **Failures.** Download, tokenization, variants and the report retry twice with
@@ -90,53 +91,100 @@ from airflow.sdk.exceptions import AirflowSkipException
 # stack is imported in task bodies.
 from tasks import assets, notify, registry
 from tasks.config import (
+    BOUNDS,
     DEFAULT_PRESET,
-    MAX_TOKENS,
+    INTEGER_PATTERN,
+    NUMBER_PATTERN,
     PRECISIONS,
     PRESETS,
     TARGET_SETS,
     TRUNCATIONS,
     default_data_source,
+    list_pattern,
     preset_config,
+    schema_bounds,
 )
 from tasks.registry import TARGETS_PATTERN
+from tasks.steps import DAG_ID, DATA_STEPS, Step, schedule
 
-DAG_ID = "lora_imdb_experiment"
+SCHEDULE = schedule()  # read once: the form's text and the timetable say the same
 IMDB_SPLIT_ROWS = 25_000  # reviews per IMDB split
-EMPTY = " Leave empty to keep the preset's value."
-# Wall time of `make run` (airflow dags test) measured on a 2-core AMD EPYC without a GPU or
-# native bf16 (2026-11-29): smoke 58 s, cpu 25 min 49 s. seed and paper were not run there.
-TIME_ON_CPU = {"smoke": "1 min", "cpu": "26 min", "seed": "hours: use a GPU",
-               "paper": "days: use a GPU"}
+EMPTY = " Empty: the preset's value."
+PRESET_VALUE = "(preset's value)"  # what an empty dropdown reads
+# What each preset is for (design.md). No run times here: the only ones measured through
+# Airflow on the 2-core machine would not cover every preset.
+PURPOSE = {"seed": "the seed notebook's protocol, on a GPU",
+           "paper": "the published setting, on GPUs",
+           "cpu": "a real model on a laptop's CPU",
+           "smoke": "a plumbing check on random weights"}
+
+
+def _sweep(c: Any) -> str:
+    """ranks × target sets × learning rates (LoRA / full) × seeds, as the preset has them."""
+    def values(xs: tuple) -> str:
+        return ", ".join(registry.format_lr(x) if isinstance(x, float) else str(x) for x in xs)
+
+    return (f"{values(c.ranks)} × {values(c.targets)} × {values(c.lora_lr)} / "
+            f"{values(c.full_lr)} × {values(c.seeds)}")
 
 
 def _preset_table() -> str:
-    """The presets' values as a Markdown table for the form (rendered there)."""
-    lines = ["| preset | model | train / val / test | tokens | epochs | methods | "
-             "2-core CPU |", "|---|---|---|---|---|---|---|"]
-    for name in PRESETS:
-        c = preset_config(name, data="hub")
+    """The presets' values as a Markdown table for the form (rendered there), and the
+    methods they run below it."""
+    lines = ["| preset | model | train / val / test | tokens | epochs | sweep: ranks × "
+             "targets × learning rates (LoRA / full) × seeds | variant tasks |",
+             "|---|---|---|---|---|---|---|"]
+    configs = {name: preset_config(name, data="hub") for name in PRESETS}
+    for name, c in configs.items():
         lines.append(f"| `{name}` | {c.model} | {c.train_size:,} / {c.val_size:,} / "
-                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | "
-                     f"{', '.join(c.methods)} | {TIME_ON_CPU[name]} |")
+                     f"{c.test_size:,} | {c.max_length} | {c.epochs} | {_sweep(c)} | "
+                     f"{len(c.variants())} |")
+    common = [m for m in registry.METHODS if all(m in c.methods for c in configs.values())]
+    extra = {name: [m for m in c.methods if m not in common] for name, c in configs.items()}
+    lines.append("\nMethods: " + ", ".join(common) + " in every preset" + "".join(
+        f"; {', '.join(ms)} in `{name}`" for name, ms in extra.items() if ms) + ".")
     return "\n".join(lines)
 
 
+def _preset_label(name: str) -> str:
+    """The preset dropdown's entry: what the preset is for and what it will run."""
+    return f"{name}: {PURPOSE[name]}, {len(preset_config(name, data='hub').variants())} variant tasks"
+
+
 def _schedule_text() -> str:
-    value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
-    if value.lower() in ("", "none", "null"):
+    if SCHEDULE is None:
         return "No schedule: this DAG runs only when triggered."
-    if value.lower() == "asset":
+    if SCHEDULE.lower() == "asset":
         return (f"Scheduled on the data asset `{assets.DATA['name']}`: once unpaused, a run "
                 f"with the default preset `{DEFAULT_PRESET}` starts when it receives an event "
                 "(an upstream DAG, or `POST /api/v2/assets/events`, whose extra `params` "
                 "may override these fields).")
-    return (f"Schedule: `{value}` (UTC) with the default preset `{DEFAULT_PRESET}`; "
+    return (f"Schedule: `{SCHEDULE}` (UTC) with the default preset `{DEFAULT_PRESET}`; "
             "triggering here does not change it, but unpausing the DAG starts it.")
 
 
 def _list(kind: str, **items: Any) -> dict[str, Any]:
     return {"type": ["null", "array"], "uniqueItems": True, "items": {"type": kind, **items}}
+
+
+def _number(name: str) -> dict[str, Any]:
+    """An optional number field with tasks.config's bounds for `name`."""
+    kind = "integer" if BOUNDS[name][0] is int else "number"
+    return {"type": ["null", kind], **schema_bounds(name)}
+
+
+def _range(name: str) -> str:
+    bounds = schema_bounds(name)
+    return f"{bounds['minimum']:,} to {bounds['maximum']:,}"
+
+
+def _typed_list(kind: str, **items: Any) -> dict[str, Any]:
+    """A sweep list the form lets one type: text such as `5e-4, 2e-3` or one value per line
+    (Airflow's JSON editor rewrites a list while it is being typed), or a JSON list from the
+    REST API. `prepare` parses the text (tasks.config.parse_list) and checks the values."""
+    item = INTEGER_PATTERN if kind == "integer" else NUMBER_PATTERN
+    return {"type": ["null", "array", "string"], "uniqueItems": True,
+            "items": {"type": kind, **items}, "pattern": list_pattern(item)}
 
 
 PARAMS: dict[str, Param] = {
@@ -146,8 +194,7 @@ PARAMS: dict[str, Param] = {
         DEFAULT_PRESET, type="string", enum=list(PRESETS), title="Preset",
         description_md="Named starting point; the fields below override single values. "
                        + _schedule_text() + "\n\n" + _preset_table(),
-        values_display={name: f"{name}: {PRESETS[name]['model']}, {TIME_ON_CPU[name]} on a CPU"
-                        for name in PRESETS},
+        values_display={name: _preset_label(name) for name in PRESETS},
     ),
     "methods": Param(
         None, **_list("string", enum=list(registry.METHODS)), title="Methods",
@@ -167,63 +214,67 @@ PARAMS: dict[str, Param] = {
                     + " The presets use $LORAFLOW_DATA when it is set.",
     ),
     "train_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
-        title="Training examples", section="Data subset",
-        description=f"Rows drawn from the training split (1 to {IMDB_SPLIT_ROWS:,})." + EMPTY,
+        None, **_number("train_size"), title="Training examples", section="Data subset",
+        description=f"Rows drawn from the training split (IMDB's has {IMDB_SPLIT_ROWS:,}; "
+                    "prepare checks the source holds enough)." + EMPTY,
     ),
     "val_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
-        title="Validation examples", section="Data subset",
+        None, **_number("val_size"), title="Validation examples", section="Data subset",
         description="Rows drawn from the training split, disjoint from the training rows; "
                     "every choice is made on them." + EMPTY,
     ),
     "test_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=IMDB_SPLIT_ROWS,
-        title="Test examples", section="Data subset",
-        description=f"Rows drawn from the test split (1 to {IMDB_SPLIT_ROWS:,}); scored once "
-                    "per variant." + EMPTY,
+        None, **_number("test_size"), title="Test examples", section="Data subset",
+        description=f"Rows drawn from the test split (IMDB's has {IMDB_SPLIT_ROWS:,}); scored "
+                    "once per variant." + EMPTY,
     ),
     "max_length": Param(
-        None, type=["null", "integer"], minimum=8, maximum=MAX_TOKENS,
-        title="Max tokens", section="Data subset",
-        description=f"Tokens per review after truncation (8 to {MAX_TOKENS})." + EMPTY,
+        None, **_number("max_length"), title="Max tokens", section="Data subset",
+        description=f"Tokens per review after truncation ({_range('max_length')})." + EMPTY,
     ),
     "truncation": Param(
         None, type=["null", "string"], enum=[None, *TRUNCATIONS], title="Truncation",
         section="Data subset",
+        values_display={"null": PRESET_VALUE, **{t: t for t in TRUNCATIONS}},
         description="What an encoder reads of a review longer than Max tokens: head (its "
                     "first tokens) or head_tail (its first quarter and last three quarters "
                     "of the budget; Sun et al. 2019)." + EMPTY,
     ),
     "epochs": Param(
-        None, type=["null", "integer"], minimum=1, maximum=50, title="Epochs",
-        section="Training", description="Training epochs (1 to 50)." + EMPTY,
+        None, **_number("epochs"), title="Epochs", section="Training",
+        description=f"Training epochs ({_range('epochs')})." + EMPTY,
     ),
     "batch_size": Param(
-        None, type=["null", "integer"], minimum=1, maximum=1024, title="Batch size",
-        section="Training", description="Examples per optimizer step (1 to 1024)." + EMPTY,
+        None, **_number("batch_size"), title="Batch size", section="Training",
+        description=f"Examples per optimizer step ({_range('batch_size')})." + EMPTY,
     ),
     "precision": Param(
         None, type=["null", "string"], enum=[None, *PRECISIONS], title="Precision",
         section="Training",
+        values_display={"null": PRESET_VALUE, "auto": "auto: bf16 where the device has it "
+                        "natively, else fp32", "fp32": "fp32", "bf16": "bf16",
+                        "fp16": "fp16 (CUDA GPUs only)"},
         description="auto: bf16 autocast where the device has native bf16 (recent GPUs, "
                     "CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs a CUDA GPU." + EMPTY,
     ),
     "lora_lr": Param(
-        None, **_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        None, **_typed_list("number", **schema_bounds("lora_lr")),
         title="LoRA learning rates", section="Sweep",
-        description="JSON list, e.g. [0.001, 0.002]: LoRA (and BitFit) are tuned over these, "
-                    "choosing on validation. Give full fine-tuning as many." + EMPTY,
+        description="Comma-separated or one per line, e.g. 1e-3, 2e-3: LoRA (and BitFit) are "
+                    "tuned over these, choosing on validation. Give full fine-tuning as "
+                    "many." + EMPTY,
     ),
     "full_lr": Param(
-        None, **_list("number", exclusiveMinimum=0, exclusiveMaximum=1),
+        None, **_typed_list("number", **schema_bounds("full_lr")),
         title="Full fine-tuning learning rates", section="Sweep",
-        description="JSON list, e.g. [0.00003, 0.00005]; as many as the LoRA list." + EMPTY,
+        description="Comma-separated or one per line, e.g. 5e-5, 1e-4; as many as the LoRA "
+                    "learning rates." + EMPTY,
     ),
     "ranks": Param(
-        None, **_list("integer", minimum=1, maximum=1024), title="LoRA ranks", section="Sweep",
-        description="JSON list of ranks r, e.g. [4, 8, 16]. One LoRA task per rank × target "
-                    "set × learning rate × seed." + EMPTY,
+        None, **_typed_list("integer", **schema_bounds("ranks")), title="LoRA ranks",
+        section="Sweep",
+        description="Comma-separated or one per line, e.g. 4, 8, 16. One LoRA task per rank "
+                    "× target set × learning rate × seed." + EMPTY,
     ),
     "targets": Param(
         None, **_list("string", pattern=TARGETS_PATTERN), title="LoRA target sets",
@@ -232,8 +283,9 @@ PARAMS: dict[str, Param] = {
                     + " or comma-separated module names such as q_lin,v_lin." + EMPTY,
     ),
     "seeds": Param(
-        None, **_list("integer", minimum=0, maximum=2**31 - 1), title="Seeds", section="Sweep",
-        description="JSON list of training seeds, e.g. [1, 2, 3]; each seed repeats every "
+        None, **_typed_list("integer", **schema_bounds("seeds")), title="Seeds",
+        section="Sweep",
+        description="Comma-separated or one per line, e.g. 1, 2, 3: each seed repeats every "
                     "trained configuration, and results are averaged over them." + EMPTY,
     ),
 }
@@ -246,18 +298,17 @@ REPORT_ASSET = Asset(**assets.REPORT)
 ADAPTER_ASSET = Asset(**assets.ADAPTER)
 
 
-def _schedule() -> CronTriggerTimetable | list[Asset] | None:
-    """`$LORAFLOW_SCHEDULE`: a cron expression or preset such as `@weekly` (UTC); `asset`
-    to run when the data asset receives an event; `none` (or empty) for manual runs only."""
-    value = os.environ.get("LORAFLOW_SCHEDULE", "@weekly").strip()
-    if value.lower() in ("", "none", "null"):
+def _timetable() -> CronTriggerTimetable | list[Asset] | None:
+    """The schedule (tasks.steps.schedule) as a timetable: the data asset for `asset`,
+    None for manual runs only."""
+    if SCHEDULE is None:
         return None
-    if value.lower() == "asset":
+    if SCHEDULE.lower() == "asset":
         return [DATA_ASSET]
     # run_immediately=0: unpausing waits for the next slot. By default Airflow would start
     # the latest past slot when it lies within 10% of the period (16.8 h for @weekly): a
     # `cpu` run next to the one the user is triggering from the form.
-    return CronTriggerTimetable(value, timezone="UTC", run_immediately=timedelta(0))
+    return CronTriggerTimetable(SCHEDULE, timezone="UTC", run_immediately=timedelta(0))
 
 
 # Retries are for what may pass next time (network, out of memory, a lost worker). Our
@@ -272,12 +323,39 @@ RETRY: dict[str, Any] = {
     "retries": 2, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30), "retry_policy": NO_RETRY_ON_BAD_INPUT,
 }
-# Methods that run the encoder: one GPU each (pool slots = GPUs). A training retry resumes
+# Methods that run the encoder: a GPU slot each (pool slots = GPUs x k). A training retry resumes
 # from the variant's last epoch checkpoint, so it loses at most an epoch.
 ON_GPU: dict[str, Any] = {
     "pool": "gpu", "queue": "gpu", **RETRY, "execution_timeout": timedelta(hours=12),
 }
 VARIANT_NAME = "{{ task.op_kwargs['variant']['name'] }}"
+# Task settings of each data step (tasks.steps.DATA_STEPS), by step name.
+DATA_DOCS: dict[str, str] = {  # the task docs the UI shows, by step name
+    "download": """**Draw the three subsets from the data source.**
+
+Reads the source (hub, a checksum-verified URL of aclImdb_v1.tar.gz, or a local folder)
+through the shared cache; writes the run's `data/train.parquet`, `data/validation.parquet`
+(disjoint from train) and `data/test.parquet`, normalised and deduplicated
+(`data/draw.json`). Retry: twice with back-off for network or disk errors; a retry reuses
+what the cache already holds. Bad input (a ValueError) fails at once.""",
+    "validate": """**Validate the source and the subsets with Great Expectations**: schema,
+nulls, labels 0/1, text lengths, class balance, row counts, duplicates and overlap between
+splits.
+
+Reads `data/*.parquet`; writes `data/validation.json`, which the report shows. Fails the
+run when an expectation fails. Retry: none: the same data fails again.""",
+    "tokenize": """**Tokenize once for every variant.**
+
+Reads `data/*.parquet` and the model's tokenizer; writes token ids to the shared cache
+`tokenized/<key>/` (keyed by the data, the tokenizer, max length and truncation: a hit
+skips the work) and points `data/tokens.json` at it. Retry: twice with back-off; a
+half-built cache folder is never used (it is renamed into place only when complete).""",
+}
+DATA_TASK: dict[str, dict[str, Any]] = {
+    "download": {**RETRY, "execution_timeout": timedelta(hours=2)},
+    "validate": {"execution_timeout": timedelta(minutes=30)},  # bad data stays bad: no retries
+    "tokenize": {**RETRY, "execution_timeout": timedelta(hours=1)},
+}
 
 
 def _notifications() -> dict[str, Any]:
@@ -306,13 +384,27 @@ def documented(fn):
 
 
 def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
-    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one."""
+    """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one. The
+    record notes Airflow's try number, so a cleared and re-run variant shows as such."""
     from tasks.pipeline import load_run
     from tasks.registry import Variant
     from tasks.variants import run_variant
 
     config, paths = load_run(run_dir)
-    return str(run_variant(Variant.from_dict(variant), config, paths))
+    attempt = get_current_context()["ti"].try_number
+    return str(run_variant(Variant.from_dict(variant), config, paths, attempt=attempt))
+
+
+def _data_step(step: str, fn: Any, run_dir: str) -> str:
+    """Body of the data steps: run `fn` on the run; if it fails, record which step and
+    why, for check_variants and the Report tab (tasks.failures)."""
+    from tasks.failures import recorded
+    from tasks.pipeline import load_run
+
+    context = get_current_context()
+    with recorded(context["run_id"], step, context["ti"].try_number):
+        fn(*load_run(run_dir))
+    return run_dir
 
 
 @dag(
@@ -321,7 +413,7 @@ def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
     description="Baselines, a LoRA sweep and full fine-tuning of an encoder on IMDB, chosen "
                 "on validation, with a report",
     doc_md=__doc__,
-    schedule=_schedule(),
+    schedule=_timetable(),
     # No start_date: with one, unpausing would start the latest past slot at once.
     catchup=False,
     max_active_runs=1,
@@ -346,17 +438,19 @@ def lora_imdb_experiment():
         Retry: none. Bad settings fail the same way again; a second attempt with the same
         settings finds the folder and goes on, a different config for the run id is refused."""
         from tasks import tracking
-        from tasks.pipeline import config_from_params, describe, prepare_run
+        from tasks.failures import recorded
+        from tasks.pipeline import config_from_params, prepare_run
 
         context = get_current_context()
-        params = dict(context["params"])
-        params.update(assets.params_from_events(context.get("triggering_asset_events"),
-                                                set(PARAMS)))
-        config = config_from_params(params)
-        paths = prepare_run(config, context["run_id"])
+        with recorded(context["run_id"], "prepare", context["ti"].try_number):
+            # logs the resolved settings and the variants through the task logger
+            params = dict(context["params"])
+            params.update(assets.params_from_events(context.get("triggering_asset_events"),
+                                                    set(PARAMS)))
+            config = config_from_params(params)
+            paths = prepare_run(config, context["run_id"])
         tracking.start_run(paths, DAG_ID)  # MLflow parent run, when tracking is on
         run_dir = str(paths.run_dir)
-        print(describe(config))  # the resolved settings and variants, in the task's log
         return {
             "run_dir": run_dir,
             "cpu": [v.to_dict() for v in config.method_variants(encoder=False)],
@@ -377,52 +471,13 @@ def lora_imdb_experiment():
 
         return select(plan)
 
-    @task(**RETRY, execution_timeout=timedelta(hours=2))
-    @documented
-    def download_dataset(run_dir: str) -> str:
-        """**Draw the three subsets from the data source.**
+    def data_task(step: Step) -> Any:
+        """The task of one data step (tasks.steps.DATA_STEPS), with its settings above."""
+        @task(task_id=step.task_id, doc_md=DATA_DOCS[step.name], **DATA_TASK[step.name])
+        def run_step(run_dir: str) -> str:
+            return _data_step(step.task_id, step.function(), run_dir)
 
-        Reads the source (hub, a checksum-verified URL of aclImdb_v1.tar.gz, or a local
-        folder) through the shared cache `<artifacts>/cache/`; writes the run's
-        `data/train.parquet`, `data/validation.parquet` (disjoint from train) and
-        `data/test.parquet`. Retry: twice with back-off for network or disk errors; a
-        retry reuses what the cache already holds. Bad input (a ValueError) fails at once."""
-        from tasks.data import download_dataset
-        from tasks.pipeline import load_run
-
-        download_dataset(*load_run(run_dir))
-        return run_dir
-
-    @task(execution_timeout=timedelta(minutes=30))  # bad data stays bad: no retries
-    @documented
-    def validate_dataset(run_dir: str) -> str:
-        """**Validate the source and the subsets with Great Expectations**: schema, nulls,
-        labels 0/1, text lengths, class balance, row counts, duplicates and overlap
-        between splits.
-
-        Reads `data/*.parquet`; writes `data/validation.json`, which the report shows.
-        Fails the run when an expectation fails. Retry: none: the same data fails again."""
-        from tasks.pipeline import load_run
-        from tasks.validate import validate_dataset
-
-        validate_dataset(*load_run(run_dir))
-        return run_dir
-
-    @task(**RETRY, execution_timeout=timedelta(hours=1))
-    @documented
-    def tokenize(run_dir: str) -> str:
-        """**Tokenize once for every variant.**
-
-        Reads `data/*.parquet` and the model's tokenizer; writes token ids to the shared
-        cache `<artifacts>/cache/tokenized/<key>/` (keyed by the data, the tokenizer and the
-        truncation settings: a hit skips the work) and points `data/tokens.json` at it.
-        Retry: twice with back-off; a half-built cache folder is never used (it is renamed
-        into place only when complete)."""
-        from tasks.pipeline import load_run
-        from tasks.tokenize import tokenize_dataset
-
-        tokenize_dataset(*load_run(run_dir))
-        return run_dir
+        return run_step
 
     @task(**RETRY, execution_timeout=timedelta(hours=2), map_index_template=VARIANT_NAME)
     @documented
@@ -488,12 +543,14 @@ def lora_imdb_experiment():
     # keeps the run's state honest (failed if any variant failed, skipped otherwise).
     @task(trigger_rule=TriggerRule.ONE_FAILED, execution_timeout=timedelta(minutes=1))
     @documented
-    def check_variants() -> None:
-        """**Fail the run if any variant failed** (it runs only then: trigger rule
-        one_failed; otherwise it is skipped). Reads and writes nothing: the failures are
-        in the report and in each `results/<variant>/metrics.json`. Retry: none."""
-        raise RuntimeError("at least one variant failed; its error is in the report and "
-                           "in results/<variant>/metrics.json")
+    def check_variants(run_dir: str | None) -> None:
+        """**Fail the run if a step or a variant failed** (it runs only then: trigger rule
+        one_failed; otherwise it is skipped), naming what happened: the step that stopped
+        the run, or the failed variants. Reads the run's failure record and
+        `results/<variant>/metrics.json`; writes nothing. Retry: none."""
+        from tasks.failures import what_failed
+
+        raise RuntimeError(what_failed(get_current_context()["run_id"], run_dir))
 
     @task(execution_timeout=timedelta(minutes=1))
     @documented
@@ -513,7 +570,9 @@ def lora_imdb_experiment():
         return verdict
 
     plan = prepare()
-    ready = tokenize(validate_dataset(download_dataset(plan["run_dir"])))
+    ready = plan["run_dir"]
+    for step in DATA_STEPS:  # download, validate, tokenize: each after the one before
+        ready = data_task(step)(ready)
     # a mapped task needs its docs given (override): Airflow copies the docstring only for
     # a task that is called directly
     variants = [
@@ -524,7 +583,7 @@ def lora_imdb_experiment():
     page = report(plan["run_dir"])
     variants >> page
     check_regression(page)
-    variants >> check_variants()
+    variants >> check_variants(plan["run_dir"])
 
 
 lora_imdb_experiment()

@@ -8,11 +8,20 @@
 #   2. the web UI admin's password for Airflow's SimpleAuthManager
 #      ($LORAFLOW_AUTH_DIR/passwords.json);
 #   3. the metadata database schema (airflow db migrate) and the pool `gpu` with
-#      $GPU_POOL_SLOTS slots (one per GPU worker of the whole deployment).
+#      $GPU_POOL_SLOTS x $LORAFLOW_TASKS_PER_GPU slots (GPUs of the whole deployment times
+#      the training tasks each GPU runs at once; default 1). A number here: this container
+#      has no GPU to fit `auto` to (tasks/slots.py).
 # `python` and `airflow` come from PATH.
 set -euo pipefail
 : "${LORAFLOW_AUTH_DIR:?the folder for fernet.key and passwords.json}"
 : "${AIRFLOW_ADMIN_USER:?}" "${AIRFLOW_ADMIN_PASSWORD:?}" "${GPU_POOL_SLOTS:?}"
+
+k="${LORAFLOW_TASKS_PER_GPU:-1}"
+case "$k" in
+    ''|*[!0-9]*|0*) echo "airflow-init: LORAFLOW_TASKS_PER_GPU must be a whole number >= 1 here" \
+                         "(auto needs a GPU, and this container has none), got '$k'" >&2; exit 2 ;;
+esac
+pool_slots=$(( GPU_POOL_SLOTS * k ))
 
 umask 077  # the key and the password file: readable by their owner only
 mkdir -p "$LORAFLOW_AUTH_DIR"
@@ -37,5 +46,5 @@ python -c 'import json, os, sys; json.dump({os.environ["AIRFLOW_ADMIN_USER"]: os
     "$LORAFLOW_AUTH_DIR/passwords.json"
 
 airflow db migrate
-airflow pools set gpu "$GPU_POOL_SLOTS" "one slot per GPU worker (tasks that run the encoder)"
-echo "airflow-init: database migrated, pool gpu = $GPU_POOL_SLOTS slots, user $AIRFLOW_ADMIN_USER"
+airflow pools set gpu "$pool_slots" "tasks that run the encoder: $k per GPU, $GPU_POOL_SLOTS GPU(s)"
+echo "airflow-init: database migrated, pool gpu = $pool_slots slots ($k per GPU), user $AIRFLOW_ADMIN_USER"

@@ -23,8 +23,8 @@ from urllib.parse import quote
 from airflow.plugins_manager import AirflowPlugin
 
 from tasks.paths import report_slug, reports_root, safe_run_id
+from tasks.steps import DAG_ID
 
-DAG_ID = "lora_imdb_experiment"  # dags/lora_imdb_experiment.py (tests/plugins check it)
 URL_PREFIX = "/loraflow"  # tasks.paths.report_url builds URLs under it
 REPORT_PAGE = "report.html"
 
@@ -65,12 +65,50 @@ def _not_found_page(message_html: str) -> str:
             f"<body style='font-family:sans-serif;margin:2em'><p>{message_html}</p></body>")
 
 
+def no_report_reason(run_id: str, state: str | None) -> str:
+    """Why the run has no report, as HTML: the step that stopped it and its error
+    (tasks.failures), else what the run's state says."""
+    from html import escape
+
+    from tasks import failures
+
+    run = f"Run <code>{escape(run_id)}</code>"
+    try:
+        failure = failures.read(run_id)
+    except ValueError:  # a run id no folder can have
+        failure = None
+    if failure:
+        step = escape(str(failure["step"]))
+        return (f"{run} has no report: it stopped in <code>{step}</code> (try "
+                f"{escape(str(failure.get('attempt', 1)))}), before any variant ran.<br>"
+                f"<b>Error:</b> <code>{escape(str(failure.get('error')))}</code><br>"
+                f"The <code>{step}</code> task's log has the details.")
+    if state in ("success", "failed"):
+        return (f"{run} ended ({escape(state)}) without a report: the <code>report</code> "
+                "task did not write one. Its log, and those of the failed tasks, say why.")
+    return (f"{run} has no report yet: the <code>report</code> task writes it when the "
+            "run's variants are done.")
+
+
+def _run_state(run_id: str) -> str | None:
+    """The DAG run's state from Airflow's database (the API server has it), or None."""
+    try:
+        from airflow.models.dagrun import DagRun
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            state = session.scalar(select(DagRun.state).where(
+                DagRun.dag_id == DAG_ID, DagRun.run_id == run_id))
+        return str(state.value if hasattr(state, "value") else state) if state else None
+    except Exception:  # the page still says something true without it
+        return None
+
+
 def create_app() -> Any:
     """The FastAPI app the API server mounts at URL_PREFIX. FastAPI and Airflow's API
     security are imported here, not at module level: every task process loads plugins too
     (for macros), and needs neither."""
-    from html import escape
-
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import requires_access_dag
     from fastapi import Depends, FastAPI
@@ -90,9 +128,8 @@ def create_app() -> Any:
         against its own URL."""
         folder = run_folder(reports_root(), run_id) if dag_id == DAG_ID else None
         if folder is None:
-            why = (f"Run <code>{escape(run_id)}</code> has no report yet: the "
-                   "<code>report</code> task writes it when the run's variants are done."
-                   if dag_id == DAG_ID else f"Only <code>{DAG_ID}</code> writes reports.")
+            why = (no_report_reason(run_id, _run_state(run_id)) if dag_id == DAG_ID
+                   else f"Only <code>{DAG_ID}</code> writes reports.")
             return HTMLResponse(_not_found_page(why), status_code=404, headers=SECURITY_HEADERS)
         # relative to /loraflow/runs/<dag_id>/<run_id>, so it holds under any base URL
         return RedirectResponse(f"../../reports/{quote(folder)}/{REPORT_PAGE}",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or upgrade the project's Airflow home: metadata DB (SQLite), and the `gpu` pool
-# that training tasks use, with one slot per GPU (1 on a CPU-only machine).
+# that training tasks use, with GPUs x LORAFLOW_TASKS_PER_GPU slots (1 on a CPU-only machine).
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
 
@@ -12,12 +12,5 @@ if ! "$AIRFLOW" db migrate >"$log" 2>&1; then
     exit 1
 fi
 
-gpus=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-    gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-fi
-slots=$(( gpus > 0 ? gpus : 1 ))
-"$AIRFLOW" pools set gpu "$slots" \
-    "training tasks (LoRA, full fine-tuning, linear probe): one slot per GPU; $gpus GPU(s) found" \
-    >/dev/null
-echo "Airflow home: $AIRFLOW_HOME (pool gpu: $slots slot(s), $gpus GPU(s) found)"
+set_gpu_pool
+echo "Airflow home: $AIRFLOW_HOME (pool gpu: $POOL_SLOTS slot(s), $GPUS GPU(s) found, $TASKS_PER_GPU task(s) per GPU)"

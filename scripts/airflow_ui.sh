@@ -19,6 +19,7 @@ export AIRFLOW__API__BASE_URL="$URL"                   # tasks reach the API at 
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="$URL/execution/"
 
 bash "$ROOT/scripts/airflow_init.sh"
+gpu_plan   # standalone's task processes lease the k that the pool was sized with
 PASSWORDS="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
 
 # standalone runs in its own session, so a Ctrl-C here reaches only this script, whose
@@ -45,9 +46,10 @@ for _ in $(seq 1 300); do
     kill -0 "$pid" 2>/dev/null || { echo "airflow standalone exited" >&2; exit 1; }
     if [ -s "$PASSWORDS" ] && curl -fs -o /dev/null "$URL/api/v2/monitor/health"; then
         password="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("admin", "?"))' "$PASSWORDS")"
+        dag_id="$("$PY" -c 'from tasks.steps import DAG_ID; print(DAG_ID)')"
         cat <<MSG
 
-  Airflow UI:  $URL/dags/lora_imdb_experiment
+  Airflow UI:  $URL/dags/$dag_id
   username:    admin
   password:    $password     (from $PASSWORDS)
   Trigger a run with the ▶ button: pick a preset; empty fields keep the preset's values.

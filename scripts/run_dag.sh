@@ -7,7 +7,7 @@ source "$(dirname "$0")/airflow_env.sh"
 PRESET="${1:-cpu}"
 EXTRA="${2:-}"
 [ -n "$EXTRA" ] || EXTRA="{}"
-DAG_ID=lora_imdb_experiment
+DAG_ID="$("$PY" -c 'from tasks.steps import DAG_ID; print(DAG_ID)')"
 
 # The trigger conf: the preset, the local data when $LORAFLOW_DATA is set, then EXTRA.
 CONF="$("$PY" - "$PRESET" "$EXTRA" <<'PYEOF'
@@ -20,7 +20,12 @@ print(json.dumps(conf))
 PYEOF
 )"
 
-[ -e "$AIRFLOW_HOME/airflow.db" ] || bash "$ROOT/scripts/airflow_init.sh"
+if [ -e "$AIRFLOW_HOME/airflow.db" ]; then
+    set_gpu_pool   # the pool follows LORAFLOW_TASKS_PER_GPU on every run
+else
+    bash "$ROOT/scripts/airflow_init.sh"
+    gpu_plan
+fi
 RUNS="$("$PY" -c 'from tasks.paths import artifacts_root; print(artifacts_root() / "runs")')"
 
 marker="$(mktemp)"

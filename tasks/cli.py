@@ -27,10 +27,12 @@ from tasks.config import (
     PRESETS,
     TRUNCATIONS,
     ExperimentConfig,
+    parse_list,
     preset_config,
 )
 from tasks.paths import InUse, exclusive
 from tasks.registry import Variant
+from tasks.steps import DATA_STEPS, data_step
 
 BASELINES = [m.name for m in registry.METHODS.values() if not m.trained]
 TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
@@ -39,10 +41,9 @@ TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
 def _numbers(kind: type):
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
-                                             f"got {text!r}") from None
+            return parse_list("", text, kind)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     parse.__name__ = f"comma-separated {kind.__name__}s"
     return parse
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = step.add_parser("prepare", help="create a run folder from a preset + overrides")
     _add_config_options(prepare)
     _add_run_location(prepare)
-    for name in ("download", "validate", "tokenize", "report"):
+    for name in [s.name for s in DATA_STEPS] + ["report"]:
         step.add_parser(name, help=f"the {name} step of a prepared run")
     baseline = step.add_parser("baseline", help="one baseline of a prepared run")
     baseline.add_argument("name", choices=BASELINES)
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--data", help="IMDB folder with train/test.parquet (default $LORAFLOW_DATA)")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
+    bench.add_argument("--sweep", action="store_true", help="N LoRA variants one at a time vs "
+                       "k at once on one device, and full fine-tuning at the paper shape "
+                       "(bench/sweep.py: sweep.json, sweep.md)")
+    bench.add_argument("--k", type=int, help="with --sweep: variants at once (default: auto on "
+                       "CUDA, 2 on the CPU)")
 
     sub.add_parser("presets", help="list the presets and the methods")
     return parser
@@ -198,25 +204,18 @@ def _step(args) -> int:
 
 
 def _one_step(args, config: ExperimentConfig, paths) -> int:
-    if args.step == "download":
-        from tasks.data import download_dataset as step_fn
-    elif args.step == "validate":
-        from tasks.validate import validate_dataset as step_fn
-    elif args.step == "tokenize":
-        from tasks.tokenize import tokenize_dataset as step_fn
+    if args.step in {s.name for s in DATA_STEPS}:
+        print(data_step(args.step).function()(config, paths))
     elif args.step == "report":
         from tasks.report import build_report
 
         print(f"report: {build_report(paths.run_dir, paths.reports)}")
-        return 0
     else:
         from tasks.variants import run_variant
 
         variant = (Variant(args.name) if args.step == "baseline"
                    else train_variant_from_args(args, config))
         print(run_variant(variant, config, paths))
-        return 0
-    print(step_fn(config, paths))
     return 0
 
 
@@ -238,10 +237,16 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.paths import PROJECT_DIR
 
             sys.path.insert(0, str(PROJECT_DIR))  # bench/ lives beside the packages, not in them
-            from bench.run import main as bench_main
+            if args.sweep:
+                from bench.sweep import main as bench_main
+            elif args.k is not None:
+                raise ValueError("--k applies to --sweep only")
+            else:
+                from bench.run import main as bench_main
 
             return bench_main(["--quick"] * args.quick + ["--out", args.out, "--device", args.device]
-                              + ["--data", args.data] * bool(args.data))
+                              + ["--data", args.data] * bool(args.data)
+                              + ["--k", str(args.k)] * (args.k is not None))
         for name in PRESETS:
             print(f"{name:6} " + json.dumps(preset_config(name).to_dict()))
         print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in registry.METHODS.values()))

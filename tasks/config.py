@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,9 @@ class ExperimentConfig:
 
 _TUPLE_FIELDS: dict[str, type] = {"methods": str, "lora_lr": float, "full_lr": float,
                                   "ranks": int, "targets": str, "seeds": int}
-_BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, min, max), inclusive
+# The one definition of each field's bounds: the checks below and the DAG's trigger form
+# (`schema_bounds`) both read them.
+BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, min, max), inclusive
     "train_size": (int, 1, 10_000_000), "val_size": (int, 1, 10_000_000),
     "test_size": (int, 1, 10_000_000), "max_length": (int, 8, MAX_TOKENS),
     "epochs": (int, 1, 1000), "batch_size": (int, 1, 4096), "warmup_steps": (int, 0, 10**9),
@@ -100,9 +103,64 @@ _BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, min, max), in
     "lora_dropout": (float, 0.0, 0.99), "weight_decay": (float, 0.0, 10.0),
     "max_grad_norm": (float, 1e-9, 1e6),
 }
+ITEM_BOUNDS: dict[str, tuple[int, int]] = {  # list field: (min, max) of each item, inclusive
+    "ranks": (1, 1024), "seeds": (0, 2**31 - 1),
+}
+LR_FIELDS = ("lora_lr", "full_lr")  # learning rates lie strictly between 0 and 1
+
+
+def schema_bounds(name: str) -> dict[str, float]:
+    """A field's bounds as JSON-schema keywords (of the items, for a list field): what the
+    DAG's trigger form declares, so the form cannot drift from the checks here."""
+    if name in BOUNDS:
+        _, low, high = BOUNDS[name]
+        return {"minimum": low, "maximum": high}
+    if name in ITEM_BOUNDS:
+        low, high = ITEM_BOUNDS[name]
+        return {"minimum": low, "maximum": high}
+    if name in LR_FIELDS:
+        return {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
+    raise KeyError(f"{name!r} has no numeric bounds")
+
+
+# A sweep list typed as text (the trigger form, the CLI): numbers separated by commas,
+# spaces or new lines, e.g. "5e-4, 2e-3". The form's schema checks the same shape.
+LIST_SEPARATORS = re.compile(r"[\s,;]+")
+# signs allowed, so that "-1" is refused by the bounds check, which says what the bounds are
+NUMBER_PATTERN = r"[+-]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:[eE][+-]?[0-9]+)?"
+INTEGER_PATTERN = r"[+-]?[0-9]+"
+
+
+def list_pattern(item: str) -> str:
+    """A JSON-schema pattern for text that `parse_list` reads: `item`s separated by commas,
+    semicolons or white space (new lines included); blank text is an empty field."""
+    return rf"^[\s,;]*(?:{item}(?:[\s,;]+{item})*[\s,;]*)?$"
+
+
+def parse_list(name: str, text: str, kind: type) -> list:
+    """`text` as a list of `kind` (int or float): "5e-4, 2e-3" or one value per line.
+    Raises a ValueError naming the field and the piece that is not a `kind`."""
+    items = [t for t in LIST_SEPARATORS.split(text.strip()) if t]
+    if not items:
+        raise ValueError(f"{name or 'the list'} must hold at least one value, got {text!r}")
+    out = []
+    for item in items:
+        try:
+            if not re.fullmatch(INTEGER_PATTERN if kind is int else NUMBER_PATTERN, item):
+                raise ValueError(item)  # what float() also takes: nan, inf, 1_000
+            value = int(item) if kind is int else float(item)
+        except ValueError:
+            what, example = ("integer", "4, 8, 16") if kind is int else ("number", "5e-4, 2e-3")
+            raise ValueError(f"{name + ': ' if name else ''}{item!r} is not a"
+                             f"{'n' if kind is int else ''} {what} (give {what}s separated by "
+                             f"commas or new lines, e.g. {example})") from None
+        out.append(value)
+    return out
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
+    if isinstance(value, str) and kind in (int, float):
+        value = parse_list(name, value, kind)
     items = [value] if isinstance(value, (str, int, float)) else value
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{name} must be a list, got {value!r}")
@@ -134,7 +192,7 @@ def _check(c: ExperimentConfig) -> None:
         value = getattr(c, name)
         need(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty "
              f"string, got {value!r}")
-    for name, (kind, low, high) in _BOUNDS.items():
+    for name, (kind, low, high) in BOUNDS.items():
         value = getattr(c, name)
         bounds = f"[{low:,}, {high:,}]" if kind is int else f"[{low:g}, {high:g}]"
         need(_is_a(value, kind) and low <= value <= high,
@@ -143,13 +201,13 @@ def _check(c: ExperimentConfig) -> None:
     need(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     need(c.truncation in TRUNCATIONS,
          f"truncation must be one of {TRUNCATIONS}, got {c.truncation!r}")
-    for name in ("lora_lr", "full_lr"):
+    for name in LR_FIELDS:
         bad = [x for x in getattr(c, name) if not 0 < x < 1]
         need(not bad, f"{name} values must lie in (0, 1), got {bad}")
-    bad_ranks = [r for r in c.ranks if not 1 <= r <= 1024]
-    need(not bad_ranks, f"LoRA ranks must be integers in [1, 1024], got {bad_ranks}")
-    bad_seeds = [s for s in c.seeds if not 0 <= s < 2**31]
-    need(not bad_seeds, f"seeds must be integers in [0, 2^31), got {bad_seeds}")
+    what = {"ranks": "LoRA ranks", "seeds": "seeds"}
+    for name, (low, high) in ITEM_BOUNDS.items():
+        bad = [x for x in getattr(c, name) if not low <= x <= high]
+        need(not bad, f"{what[name]} must be integers in [{low:,}, {high:,}], got {bad}")
     for m in c.methods:
         registry.method(m)  # names the unknown one
     budgets = {m.lr_field: len(getattr(c, m.lr_field)) for m in registry.METHODS.values()
@@ -180,8 +238,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   test_size=25000, max_length=512, epochs=3),
     # Learning rates chosen on validation by the sweep in bench/experiments/cpu_lr_sweep.md
     # (two per method: LoRA 5e-4/2e-3, full fine-tuning 5e-5/1e-4).
+    # Truncation head_tail chosen on validation: bench/experiments/truncation.md.
     "cpu": dict(model="embedded-minilm", train_size=2000, val_size=500, test_size=1000,
-                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(1e-4,)),
+                max_length=128, epochs=2, lora_lr=(2e-3,), full_lr=(1e-4,),
+                truncation="head_tail"),
     "smoke": dict(model="tiny-distilbert", train_size=256, val_size=64, test_size=128,
                   max_length=64, epochs=1, lora_lr=(2e-3,), full_lr=(5e-4,), ranks=(4,),
                   warmup_steps=2),

@@ -1,51 +1,26 @@
 """Step 1: fetch IMDB and write the run's deterministic train/validation/test subsets.
 
-Three kinds of source (`config.data`):
-- `hub`: `stanfordnlp/imdb` through `datasets`;
-- an http(s) URL of the original `aclImdb_v1.tar.gz` (Maas et al., ACL 2011): streamed with a
-  progress bar, SHA-256 verified, extracted safely;
-- a local folder holding `train.parquet` + `test.parquet`, or an extracted `aclImdb/`.
-
-The normalised full splits are cached once under `<artifacts>/cache/datasets/<key>/`, so a
-second run neither downloads nor extracts. Subsets are drawn from the normalised,
+The source (hub, an aclImdb archive's URL, a local folder) is tasks.sources': its two
+normalised full splits, cached once per source. Subsets are drawn from the normalised,
 deduplicated splits (no text in two subsets); validation takes the training split's next
 rows after the training subset, and the test subset comes from a random stream of its own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
-import tarfile
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from tasks.config import ExperimentConfig
-from tasks.paths import RunPaths, atomic_dir, atomic_path, write_json
+from tasks.paths import RunPaths, atomic_path, write_json
+from tasks.sources import SOURCE_SPLITS, UnreadableData, load_full_splits
 from tasks.text import normalise as normalise_text
 
 log = logging.getLogger(__name__)
 
-HUB_ID = "stanfordnlp/imdb"
-SPLITS = ("train", "test")
-COLUMNS = ("text", "label", "review_id", "rating")  # the last two only where the source has them
-# SHA-256 of the published aclImdb_v1.tar.gz (84,125,825 bytes), as pinned by independent
-# downloaders (TensorFlow Datasets, Julia MLDatasets, gomlx); other URLs need `#sha256=<hex>`.
-CANONICAL_URL = ("ai.stanford.edu", "/~amaas/data/sentiment/aclImdb_v1.tar.gz")
-CANONICAL_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
-_REVIEW_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")  # aclImdb file names: <id>_<rating>.txt
-_WANTED_MEMBER = re.compile(r"^(?:\./)?aclImdb/(?:train|test)/(?:pos|neg)/[^/]+\.txt$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 TEST_STREAM = 1  # the test subset's shuffle: its own stream, not the training split's order
 
 
@@ -67,7 +42,7 @@ def download_dataset(config: ExperimentConfig, paths: RunPaths) -> dict[str, str
 
         refuse_unreadable(paths, str(err))  # validation.json says why, then it raises
     texts = {s: full[s]["text"].map(lambda t: normalise_text(t) if isinstance(t, str) else t)
-             for s in SPLITS}
+             for s in SOURCE_SPLITS}
     pools, removed = unique_pools(texts)
     need = {"train": config.train_size + config.val_size, "test": config.test_size}
     for split, rows in need.items():
@@ -104,7 +79,7 @@ def unique_pools(texts: dict[str, pd.Series]) -> tuple[dict[str, np.ndarray], di
     first, then test), and how many rows were removed and why."""
     seen: set[str] = set()
     pools, removed = {}, {}
-    for split in SPLITS:
+    for split in SOURCE_SPLITS:
         keep, within, earlier = [], 0, 0
         here: set[str] = set()
         for i, text in enumerate(texts[split].tolist()):
@@ -127,286 +102,3 @@ def shuffled(rows: int, seed: int | tuple[int, ...]) -> np.ndarray:
     """A permutation of `rows` from `np.random.default_rng(seed)` (`datasets`'
     `Dataset.shuffle(seed=...)` draws its order the same way)."""
     return np.random.default_rng(seed).permutation(rows)
-
-
-# --- the full splits, cached ---------------------------------------------------------------
-
-def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
-    """Both full splits of `source`, normalised, from the cache when it holds them."""
-    from filelock import FileLock
-
-    kind, resolved = parse_source(source)
-    folder = source_folder(source, cache_dir)
-    key = folder.name
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # One process fetches; a concurrent run with the same source waits, then reads.
-    with FileLock(str(folder.parent / f"{key}.lock")):
-        if all((folder / f"{s}.parquet").exists() for s in SPLITS):
-            log.info("data cache hit: %s", folder)
-            return {s: pd.read_parquet(folder / f"{s}.parquet") for s in SPLITS}
-        if kind == "hub":
-            frames = _load_hub()
-        elif kind == "url":
-            frames = _load_url(resolved, folder.parent)
-        else:
-            frames = _load_local(Path(resolved))
-        frames = {s: normalise(frames[s], f"{source} [{s}]") for s in SPLITS}
-        with atomic_dir(folder) as tmp:
-            for s in SPLITS:
-                frames[s].to_parquet(tmp / f"{s}.parquet", index=False)
-            write_json(tmp / "source.json", {
-                "source": source, "kind": kind, "rows": {s: len(frames[s]) for s in SPLITS},
-                "created_at": datetime.now(UTC).isoformat()})
-    log.info("data cached: %s", folder)
-    return frames
-
-
-def source_folder(source: str, cache_dir: Path) -> Path:
-    """Where the normalised full splits of `source` are cached (and their validation)."""
-    return Path(cache_dir) / "datasets" / cache_key(*parse_source(source))
-
-
-def read_parquet(path: Path) -> pd.DataFrame:
-    """A Parquet file as a frame; text that is not valid UTF-8 raises UnreadableData naming
-    the file, the column and the first bad row (pandas would fail later, naming none)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    try:
-        table.validate(full=True)  # checks every string value's UTF-8
-        invalid = None
-    except pa.ArrowInvalid as err:
-        invalid = err
-    for name in table.column_names:
-        column = table.column(name)
-        # bytes columns too: their text is decoded later (and pandas fails naming nothing)
-        if (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
-                or (invalid is not None and (pa.types.is_string(column.type)
-                                             or pa.types.is_large_string(column.type)))):
-            for row, value in enumerate(column.cast(pa.binary()).to_pylist()):
-                try:
-                    value is None or value.decode("utf-8")
-                except UnicodeDecodeError as bad:
-                    raise UnreadableData(f"{path}: column {name!r}, row {row}: not valid "
-                                         f"UTF-8 ({bad.reason} at byte {bad.start})") from None
-    if invalid is not None:
-        raise UnreadableData(f"{path}: {invalid}") from None
-    try:
-        return table.to_pandas()
-    except pa.ArrowException as err:
-        raise UnreadableData(f"{path}: {err}") from None
-
-
-class UnreadableData(ValueError):
-    """A source file whose text cannot be decoded."""
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """("hub" | "url" | "local", the source with a local path made absolute)."""
-    if source == "hub":
-        return "hub", source
-    scheme = _SCHEME.match(source)
-    if scheme:
-        if scheme.group(1).lower() not in ("http", "https"):
-            raise ValueError(f"unknown data source {source!r}: expected 'hub', an http(s):// URL "
-                             "of aclImdb_v1.tar.gz, or a local folder")
-        expected_sha256(source)  # fail before any network traffic when no checksum is known
-        return "url", source
-    folder = Path(source).expanduser().resolve()
-    if not folder.exists():
-        raise ValueError(f"data folder {source!r} does not exist (resolved to {folder}); "
-                         "expected 'hub', an http(s):// URL, or a folder with "
-                         "train/test.parquet or aclImdb/")
-    if not folder.is_dir():
-        raise ValueError(f"data source {source!r} is a file; expected a folder holding "
-                         "train.parquet and test.parquet, or an extracted aclImdb/")
-    return "local", str(folder)
-
-
-def cache_key(kind: str, resolved: str) -> str:
-    """Hash of the source; for a local folder also of its files' sizes and mtimes, so an
-    edited folder is read again."""
-    ident: dict = {"kind": kind, "source": resolved}
-    if kind == "local":
-        folder = Path(resolved)
-        stamps = [folder / f"{s}.parquet" for s in SPLITS]
-        if not all(p.exists() for p in stamps):  # aclImdb: a folder's mtime changes with its files
-            root = _aclimdb_root(folder) or folder
-            stamps = [root / s / lab for s in SPLITS for lab in ("neg", "pos")]
-        ident["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns]
-                          for p in stamps if p.exists()]
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def normalise(frame: pd.DataFrame, what: str) -> pd.DataFrame:
-    """Keep text, label (int64 where integral), review_id, rating. Nulls and odd values stay
-    as they are: judging them is validation's job, with a full report."""
-    missing = [c for c in ("text", "label") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{what} lacks columns {missing}; it has {list(frame.columns)}")
-    frame = frame[[c for c in COLUMNS if c in frame.columns]].reset_index(drop=True)
-    if pd.api.types.is_integer_dtype(frame["label"]):
-        frame["label"] = frame["label"].astype("int64")
-    return frame
-
-
-# --- the three kinds of source ---------------------------------------------------------------
-
-def _load_hub() -> dict[str, pd.DataFrame]:
-    import datasets  # heavy; only this source needs it
-
-    dataset = datasets.load_dataset(HUB_ID)
-    return {s: dataset[s].to_pandas() for s in SPLITS}
-
-
-def _load_local(folder: Path) -> dict[str, pd.DataFrame]:
-    parquet = {s: folder / f"{s}.parquet" for s in SPLITS}
-    if any(p.exists() for p in parquet.values()):
-        missing = [p.name for p in parquet.values() if not p.exists()]
-        if missing:
-            raise ValueError(f"data folder {folder} lacks {missing}; expected both "
-                             "train.parquet and test.parquet")
-        return {s: read_parquet(p) for s, p in parquet.items()}
-    root = _aclimdb_root(folder)
-    if root is None:
-        found = sorted(p.name for p in folder.iterdir())[:10]
-        raise ValueError(f"data folder {folder} holds neither train.parquet + test.parquet nor "
-                         f"aclImdb/{{train,test}}/{{pos,neg}}/; found {found}")
-    return read_aclimdb(root)
-
-
-def _aclimdb_root(folder: Path) -> Path | None:
-    for root in (folder / "aclImdb", folder):
-        if all((root / s / lab).is_dir() for s in SPLITS for lab in ("neg", "pos")):
-            return root
-    return None
-
-
-def read_aclimdb(root: Path) -> dict[str, pd.DataFrame]:
-    """`<root>/{train,test}/{neg,pos}/<id>_<rating>.txt` as frames ordered by (label, id),
-    the order of the shared Parquet copy."""
-    frames = {}
-    for split in SPLITS:
-        rows = []
-        for label, name in ((0, "neg"), (1, "pos")):
-            folder = root / split / name
-            files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
-            if not files:
-                raise ValueError(f"no reviews in {folder}; expected files named <id>_<rating>.txt")
-            for f in files:
-                match = _REVIEW_FILE.match(f.name)
-                if not match:
-                    raise ValueError(f"unexpected file {f}; aclImdb reviews are named "
-                                     "<id>_<rating>.txt")
-                # bytes, not read_text: universal newlines would alter the original text
-                try:
-                    text = f.read_bytes().decode("utf-8")
-                except UnicodeDecodeError as bad:
-                    raise UnreadableData(f"{f}: not valid UTF-8 ({bad.reason} at byte "
-                                         f"{bad.start})") from None
-                rows.append((text, label, int(match[1]), int(match[2])))
-        frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype(
-            {"label": "int64", "review_id": "int32", "rating": "int8"})
-        frames[split] = frame.sort_values(["label", "review_id"], ignore_index=True)
-    return frames
-
-
-def _load_url(url: str, workdir: Path) -> dict[str, pd.DataFrame]:
-    expected = expected_sha256(url)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=workdir) as tmp:
-        archive = Path(tmp) / "aclImdb_v1.tar.gz"
-        fetch(url, archive, expected)
-        target = Path(tmp) / "extracted"
-        safe_extract(archive, target)
-        root = _aclimdb_root(target)
-        if root is None:
-            raise ValueError(f"{url} holds no aclImdb/{{train,test}}/{{pos,neg}}/ reviews")
-        return read_aclimdb(root)
-
-
-def expected_sha256(url: str) -> str:
-    """The digest from a `#sha256=<hex>` fragment, else the published one for the canonical
-    Stanford URL; any other URL without a fragment is refused (nothing is unverified)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.fragment:
-        match = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", parts.fragment)
-        if not match:
-            raise ValueError(f"URL fragment {parts.fragment!r} of {url!r}: expected "
-                             "#sha256=<64 hex digits>")
-        return match[1].lower()
-    if (parts.hostname, urllib.parse.unquote(parts.path)) == CANONICAL_URL:
-        return CANONICAL_SHA256
-    raise ValueError(f"no checksum known for {url!r}; append #sha256=<64 hex digits> "
-                     "(the SHA-256 of the archive) to the URL")
-
-
-def fetch(url: str, target: Path, sha256: str) -> Path:
-    """Stream `url` (fragment dropped) into `target` with a progress bar; keep it only if
-    its SHA-256 equals `sha256`."""
-    from tqdm.auto import tqdm
-
-    from tasks.environment import progress_disabled
-
-    plain = urllib.parse.urlsplit(url)._replace(fragment="").geturl()
-    request = urllib.request.Request(plain, headers={"User-Agent": "loraflow"})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)  # follows redirects
-    except urllib.error.HTTPError as err:
-        raise ValueError(f"download of {plain} failed: HTTP {err.code} {err.reason}; "
-                         "expected a 2xx response") from err
-    except urllib.error.URLError as err:
-        raise ConnectionError(f"could not reach {plain}: {err.reason}") from err
-    digest = hashlib.sha256()
-    with response, atomic_path(target) as tmp:  # no complete-looking file unless verified
-        if not 200 <= response.status < 300:
-            raise ValueError(f"download of {plain} failed: HTTP {response.status}; expected 2xx")
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=target.name, mininterval=2.0,
-                                         disable=progress_disabled()) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"checksum mismatch for {plain}: got sha256 {digest.hexdigest()}, "
-                             f"expected {sha256}; the download was deleted")
-    return target
-
-
-def safe_extract(archive: Path, target: Path) -> None:
-    """Extract the aclImdb review files of `archive` into `target`. Every member is checked
-    first; one that could land outside `target` (absolute path, `..`, a link pointing
-    out, a device) refuses the whole archive before anything is written."""
-    target = Path(target).resolve()
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        for member in members:
-            problem = _member_problem(member, target)
-            if problem:
-                raise ValueError(f"refusing to extract {Path(archive).name}: member "
-                                 f"{member.name!r} {problem}; nothing was extracted")
-        wanted = [m for m in members if m.isfile() and _WANTED_MEMBER.match(m.name)]
-        # filter="data" (PEP 706) re-checks paths and drops modes/owners we do not want.
-        tar.extractall(target, members=wanted, filter="data")
-
-
-def _member_problem(member: tarfile.TarInfo, target: Path) -> str | None:
-    name = member.name
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return "has an absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "contains '..'"
-    dest = (target / name).resolve()
-    if not dest.is_relative_to(target):
-        return f"would be written outside {target}"
-    if member.issym() or member.islnk():
-        base = dest.parent if member.issym() else target
-        link = member.linkname
-        if link.startswith("/") or not (base / link).resolve().is_relative_to(target):
-            return f"is a link to {link!r}, outside {target}"
-    elif not (member.isfile() or member.isdir()):
-        return "is a device, FIFO or other special file"
-    return None

@@ -17,13 +17,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import pandas as pd
 import torch
 
 from tasks.metrics import classification_scores
+
+if TYPE_CHECKING:
+    from tasks.job import MergeableMethod
 
 # --- batches --------------------------------------------------------------------------------
 
@@ -63,11 +66,22 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+# On an NVIDIA H200, a training step at batch 16 x 128 (2,048 tokens) was faster in fp32
+# than under bf16 autocast for every model and method measured (16.7 vs 19.4 ms, MiniLM
+# LoRA; 18.9 vs 20.2 ms, DistilBERT-base full fine-tuning: bench/results/gpu/bench.md): so
+# small a step is bound by kernel launches, and autocast adds casts. Larger batches are
+# bound by the matmuls, where bf16 tensor cores do twice TF32's work.
+CUDA_FP32_MAX_TOKENS = 2048
+
+
+def autocast_dtype(precision: str, device: str | torch.device,
+                   tokens_per_batch: int | None = None) -> torch.dtype | None:
     """The autocast dtype of a precision setting on a device; None means fp32.
 
-    `auto`: bf16 on CUDA GPUs that have it and on CPUs with native bf16, fp32 elsewhere
-    (emulated bf16 is slower than fp32). `fp16` needs CUDA: it trains with loss scaling."""
+    `auto`: on CPUs, bf16 where it is native, fp32 elsewhere (emulated bf16 is slower than
+    fp32); on CUDA GPUs with bf16, bf16 when a batch holds more than 2,048 tokens (or the
+    shape is not given) and fp32 (TF32 matmuls, tasks.train) up to that, where fp32 was
+    measured faster (CUDA_FP32_MAX_TOKENS). `fp16` needs CUDA: it trains with loss scaling."""
     kind = torch.device(device).type
     if precision == "fp32":
         return None
@@ -82,12 +96,21 @@ def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | 
     if precision != "auto":
         raise ValueError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
     if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        small = tokens_per_batch is not None and tokens_per_batch <= CUDA_FP32_MAX_TOKENS
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() and not small else None
     return torch.bfloat16 if kind == "cpu" and cpu_has_native_bf16() else None
 
 
 def precision_label(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def resolve_precision(precision: str, device: str | torch.device,
+                      tokens_per_batch: int | None = None) -> str:
+    """What a precision setting (`auto` included) is on `device` for batches of
+    `tokens_per_batch` tokens: fp32, bf16 or fp16. The one place `auto` is decided for a
+    variant; tasks.variants carries the answer in the Job."""
+    return precision_label(autocast_dtype(precision, device, tokens_per_batch))
 
 
 def autocast(device: str | torch.device,
@@ -202,7 +225,8 @@ LATENCY_ROUNDS = 3
 
 
 def latency_fields(model: torch.nn.Module, frame: pd.DataFrame, device: str,
-                   dtype: torch.dtype | None = None, adapter: Any = None,
+                   dtype: torch.dtype | None = None,
+                   adapter: MergeableMethod | None = None,
                    rounds: int = LATENCY_ROUNDS) -> dict[str, Any]:
     """Batch-1 latency per example: the median of `rounds` timings of the first 32 rows.
 

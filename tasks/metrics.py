@@ -80,6 +80,7 @@ class MetricsRecord:
     host: str = field(default_factory=platform.node)
     # where it ran: commit, torch/CUDA/transformers, device name, host, precision used
     provenance: dict[str, Any] | None = None
+    attempt: int = 1  # the try that wrote this record: Airflow's try number, 1 for the CLI
     started_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # method-specific measurements

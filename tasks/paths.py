@@ -33,6 +33,14 @@ def reports_root() -> Path:
     return Path(os.environ.get("LORAFLOW_REPORTS", PROJECT_DIR / "reports")).resolve()
 
 
+def cache_root(artifacts: Path | str) -> Path:
+    """The normalised sources, their validation and the tokenizations: `$LORAFLOW_CACHE`
+    when set (one cache for many artifacts roots, e.g. a test session's), else
+    `<artifacts>/cache`. Cache keys and file locks make sharing it safe."""
+    cache = os.environ.get("LORAFLOW_CACHE")
+    return Path(cache).resolve() if cache else Path(artifacts) / "cache"
+
+
 def safe_run_id(run_id: str) -> str:
     """Airflow run ids contain ':' and '+' (manual__2026-11-29T05:00:00+00:00); keep them
     readable but refuse path separators so a run id can never escape the runs folder."""
@@ -131,7 +139,7 @@ class RunPaths:
 
     @property
     def cache_dir(self) -> Path:
-        return self.artifacts / "cache"
+        return cache_root(self.artifacts)
 
     @property
     def report_dir(self) -> Path:

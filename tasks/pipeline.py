@@ -12,6 +12,7 @@ from typing import Any
 from tasks.config import DEFAULT_PRESET, ExperimentConfig, preset_config
 from tasks.environment import environment
 from tasks.paths import RunPaths, read_json, write_json
+from tasks.steps import DATA_STEPS, StepNotRun
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,10 @@ def config_from_params(params: dict[str, Any]) -> ExperimentConfig:
     Empty strings and empty lists (blank form fields) keep the preset's value."""
     params = dict(params)
     preset = params.pop("preset", None) or DEFAULT_PRESET
-    overrides = {k: v for k, v in params.items() if v not in (None, "", [])}
+    overrides = {k: v for k, v in params.items()
+                 if v not in (None, [], "") and not (isinstance(v, str) and not v.strip(" ,;\n\t"))}
+    log.info("preset %s with overrides %s", preset,
+             ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none")
     return preset_config(preset, **overrides)
 
 
@@ -51,6 +55,10 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
     from tasks import preflight
 
     paths = RunPaths.for_run(run_id, artifacts, reports)
+    for line in describe(config).splitlines():  # one record per line: in order, never folded
+        log.info("%s", line)
+    log.info("checking the model, LoRA targets and ranks, and the data source %s before any "
+             "work", config.data)
     preflight.check(config)  # before anything is written: a bad run leaves nothing behind
     if paths.config_json.exists():
         stored = ExperimentConfig.from_dict(read_json(paths.config_json))
@@ -58,6 +66,7 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
             raise ValueError(f"run {run_id!r} already exists with a different config "
                              f"({paths.config_json}); use a new run id")
         return paths
+    log.info("checks passed; run folder %s", paths.run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(paths.run_dir / "environment.json", environment())
     write_json(paths.config_json, config.to_dict())  # last: its presence marks a prepared run
@@ -65,22 +74,23 @@ def prepare_run(config: ExperimentConfig, run_id: str, artifacts: Path | str | N
 
 
 def load_run(run_dir: Path | str, reports: Path | str | None = None) -> tuple[ExperimentConfig, RunPaths]:
+    """The config and paths of a prepared run (`prepare_run` made its folder); the report's
+    reading of a run's stored results is tasks.report.load.load_stored_run."""
     paths = RunPaths.from_run_dir(run_dir, reports)
     if not paths.config_json.exists():
-        raise FileNotFoundError(f"{paths.config_json} is missing: was the run prepared?")
+        raise StepNotRun(paths.config_json, "prepare")
     return ExperimentConfig.from_dict(read_json(paths.config_json)), paths
 
 
 def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
     """Every step in DAG order, in this process. A failing variant is recorded and the
     others go on (as in the DAG); a failing data step stops the run. Returns the report."""
-    from tasks import data, report, tokenize, tracking, validate
+    from tasks import report, tracking
     from tasks.variants import run_variant
 
     tracking.start_run(paths)  # a parent run in MLflow when tracking is on
-    data.download_dataset(config, paths)
-    validate.validate_dataset(config, paths)
-    tokenize.tokenize_dataset(config, paths)
+    for step in DATA_STEPS:
+        step.function()(config, paths)
     for variant in config.variants():
         _keep_going(variant.name, run_variant, variant, config, paths)
     page = report.build_report(paths.run_dir, paths.reports)

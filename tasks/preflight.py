@@ -9,12 +9,8 @@ The config's own types and bounds are checked when it is built (tasks.config).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tasks import registry
 from tasks.config import ExperimentConfig
-
-HUB_SPLIT_ROWS = {"train": 25_000, "test": 25_000}  # stanfordnlp/imdb and aclImdb_v1.tar.gz
 
 
 def check(config: ExperimentConfig) -> None:
@@ -53,34 +49,16 @@ def _model_problems(config: ExperimentConfig) -> list[str]:
 
 
 def _data_problems(config: ExperimentConfig) -> list[str]:
-    from tasks.data import parse_source
+    from tasks.sources import parse_source, source_rows
 
     try:
         kind, resolved = parse_source(config.data)
     except ValueError as err:
         return [str(err)]
-    rows = HUB_SPLIT_ROWS if kind in ("hub", "url") else _local_rows(Path(resolved))
+    rows = source_rows(kind, resolved)
     if rows is None:
         return []
     need = {"train": (config.train_size + config.val_size, "train_size + val_size"),
             "test": (config.test_size, "test_size")}
     return [f"{what} = {n:,} but the {split} split of {config.data!r} has {rows[split]:,} rows"
             for split, (n, what) in need.items() if split in rows and n > rows[split]]
-
-
-def _local_rows(folder: Path) -> dict[str, int] | None:
-    """Rows per split of a local source, read from Parquet metadata or by counting review
-    files; None when the folder's layout is for the download step to judge."""
-    import pyarrow.parquet as pq
-
-    files = {s: folder / f"{s}.parquet" for s in HUB_SPLIT_ROWS}
-    if all(f.exists() for f in files.values()):
-        try:
-            return {s: pq.read_metadata(f).num_rows for s, f in files.items()}
-        except (OSError, ValueError):
-            return None  # not Parquet: the download step says so with the file's name
-    for root in (folder / "aclImdb", folder):
-        if all((root / s / lab).is_dir() for s in HUB_SPLIT_ROWS for lab in ("neg", "pos")):
-            return {s: sum(1 for lab in ("neg", "pos") for _ in (root / s / lab).glob("*.txt"))
-                    for s in HUB_SPLIT_ROWS}
-    return None

@@ -34,6 +34,7 @@ from tasks.config import ExperimentConfig
 from tasks.environment import progress_disabled
 from tasks.metrics import now_iso
 from tasks.paths import SPLITS, RunPaths, atomic_dir, read_json, write_json
+from tasks.steps import StepNotRun
 from tasks.text import cut, head_tokens
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
     for split in SPLITS:
         path = paths.split_parquet(split)
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run the download step first")
+            raise StepNotRun(path, "download")
         frames[split] = pd.read_parquet(path, columns=["text", "label"])
     # Loading is needed for the vocabulary hash in the key; tokenizing is what we avoid.
     tokenizer = load_tokenizer(config.model)
@@ -227,14 +228,14 @@ def load_split(paths: RunPaths, split: str) -> pd.DataFrame:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not paths.tokens_json.exists():
-        raise FileNotFoundError(f"{paths.tokens_json} is missing: run the tokenize step first")
+        raise StepNotRun(paths.tokens_json, "tokenize")
     tokens = read_json(paths.tokens_json)
     folder = Path(tokens["cache_dir"])
     if not folder.exists():  # the artifacts root was moved or mounted elsewhere
         folder = tokenized_root(paths) / tokens["key"]
     if read_valid_meta(folder, tokens["key"]) is None:
-        raise FileNotFoundError(f"tokenization cache {folder} is missing or incomplete: "
-                                "run the tokenize step again")
+        raise StepNotRun(f"tokenization cache {folder}", "tokenize", again=True,
+                         state="is missing or incomplete")
     frame = pd.read_parquet(folder / f"{split}.parquet", columns=["input_ids", "length", "label"])
     data = paths.split_parquet(split)
     if data.exists() and pq.read_metadata(data).num_rows != len(frame):

@@ -4,8 +4,8 @@ trained model is saved (tasks/methods/__init__.py).
 
 The loop: AdamW (weight decay on matrices only, not on biases and LayerNorm weights),
 linear warm-up then linear decay, gradient clipping, batches padded to their longest
-sequence and grouped by length, autocast at the run's precision (bf16 where the device has
-it natively; fp16 on CUDA with loss scaling), the loss logged per step, the validation
+sequence and grouped by length, autocast at the run's precision (tasks.evaluate's
+`autocast_dtype`; fp16 on CUDA with loss scaling), the loss logged per step, the validation
 subset evaluated after each epoch, and a checkpoint per epoch (tasks.checkpoint) from
 which a restarted task resumes. The test subset is scored once, after training, with the
 final model (merged, for methods that merge).
@@ -15,7 +15,12 @@ Choices worth knowing:
   100 warm-up steps would be a whole smoke run;
 - batch order of epoch e comes from `numpy.random.default_rng([seed, e])`, so a resumed
   run needs no data-order state; the torch RNG (dropout) is saved in each checkpoint;
-- the final model is the last epoch's: no epoch is chosen, so nothing is chosen on test.
+- the final model is the last epoch's: no epoch is chosen, so nothing is chosen on test;
+- on CUDA the step never waits for the device: each step's loss stays there until the
+  history is logged (every `log_every` steps and at the epoch's end), batches are copied
+  from pinned memory without blocking, AdamW is fused, and fp32 matmuls use TF32 where
+  the GPU has it. On the CPU the step is the plain one, and the logged losses are the
+  same floats either way.
 """
 
 from __future__ import annotations
@@ -28,8 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +48,6 @@ from tasks.environment import progress_disabled
 from tasks.evaluate import (
     PeakMemory,
     autocast,
-    autocast_dtype,
     latency_fields,
     pad_batch,
     pad_id_of,
@@ -53,10 +56,8 @@ from tasks.evaluate import (
     scores_from_logits,
     softmax_positive,
 )
+from tasks.job import Job, Predictions, TrainedMethod
 from tasks.paths import atomic_dir
-
-if TYPE_CHECKING:
-    from tasks.variants import Job, Predictions
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,37 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def optimizer_options(device: str | torch.device) -> dict[str, Any]:
+    """Fused AdamW (one kernel for every parameter) on CUDA; the CPU keeps torch's default
+    implementation, so CPU results stay what they were."""
+    return {"fused": True} if on_cuda(device) else {}
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A batch tensor on `device`: on CUDA through pinned memory without blocking the host
+    (the copy overlaps the previous step's kernels); elsewhere as it is."""
+    if on_cuda(device):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def use_tf32(device: str | torch.device) -> bool:
+    """TF32 tensor cores for fp32 matmuls on GPUs that have them (compute capability 8.0,
+    Ampere, and later); process-wide, which is one task's process."""
+    if not on_cuda(device) or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -121,10 +153,12 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
     if not trainable:
         raise ValueError("the model has no trainable parameters: nothing to fit")
     model.to(device)
+    use_tf32(device)
     steps_per_epoch = math.ceil(len(train_df) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = min(config.warmup_steps, total_steps // 10)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr,
+                                  **optimizer_options(device))
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # bf16 needs none
     fingerprint = training_fingerprint(model, train_df, val_df, lr=lr, config=config, seed=seed,
@@ -144,6 +178,16 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
     labels = torch.tensor(train_df["label"].to_numpy(np.int64))  # a copy: parquet is read-only
     pad, params = pad_id_of(model), [p for _, p in trainable]
     log_every = max(1, steps_per_epoch // 10)
+    pending: list[tuple[dict[str, Any], torch.Tensor]] = []  # history entries, loss on device
+
+    def flush() -> None:
+        """Copy the pending losses to the host in one transfer (one sync)."""
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            for (entry, _), value in zip(pending, values, strict=True):
+                entry["loss"] = value
+            pending.clear()
+
     val_prob: np.ndarray | None = None
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         rng = np.random.default_rng([seed, epoch])  # the epoch's order, without stored state
@@ -155,8 +199,9 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
         for idx in bar:
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
             with autocast(device, dtype):
-                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             labels=labels[idx].to(device)).loss
+                loss = model(input_ids=to_device(ids, device),
+                             attention_mask=to_device(mask, device),
+                             labels=to_device(labels[idx], device)).loss
             optimizer.zero_grad(set_to_none=True)
             lr_now = scheduler.get_last_lr()[0]
             if scaler is not None:  # fp16: scale the loss, unscale before clipping
@@ -172,13 +217,16 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
             scheduler.step()
             state["step"] += 1
             state["examples"] += len(idx)
-            state["loss_history"].append({"step": state["step"], "epoch": epoch,
-                                          "loss": float(loss.detach()), "lr": lr_now})
+            entry = {"step": state["step"], "epoch": epoch, "loss": None, "lr": lr_now}
+            state["loss_history"].append(entry)
+            pending.append((entry, loss.detach()))
             if state["step"] % log_every == 0:
+                flush()
                 log.info("%s epoch %d step %d/%d loss %.4f lr %.2e", desc, epoch, state["step"],
-                         total_steps, state["loss_history"][-1]["loss"], lr_now)
-                if on_log:
+                         total_steps, entry["loss"], lr_now)
+                if on_log:  # every entry up to this step has its loss now
                     on_log(state["loss_history"], state["eval_history"])
+        flush()
         state["train_seconds"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -217,21 +265,22 @@ def hyperparameters(config: ExperimentConfig, lr: float) -> dict[str, Any]:
             "schedule": "linear warm-up and decay", "precision_setting": config.precision}
 
 
-def train_variant(job: Job, module: ModuleType, on_log: ProgressHook | None = None) -> Predictions:
+def train_variant(job: Job, module: TrainedMethod,
+                  on_log: ProgressHook | None = None) -> Predictions:
     """Train `job.variant` with the method `module`; fill the record with what was measured,
     save the model (atomically) and return the final model's validation and test
     probabilities."""
     from lora_core.accounting import count_parameters, parameter_breakdown
     from tasks.models import load_classifier
     from tasks.tokenize import load_split
-    from tasks.variants import Predictions
 
     variant, config, record, device = job.variant, job.config, job.record, job.device
     method = registry.method(variant.method)
     frames = {split: load_split(job.paths, split) for split in ("train", "validation", "test")}
-    dtype = autocast_dtype(config.precision, device)
-    record.precision = precision_label(dtype)
+    dtype = job.dtype  # the run's setting at the training batch's shape (tasks.variants)
+    record.precision = job.precision
     record.hyperparameters.update(hyperparameters(config, variant.lr))
+    record.hyperparameters["fp32_matmul"] = "tf32" if use_tf32(device) else "ieee"
     seed_everything(variant.seed)
     with PeakMemory(device) as memory:
         model = load_classifier(config.model, seed=variant.seed)
@@ -254,15 +303,21 @@ def train_variant(job: Job, module: ModuleType, on_log: ProgressHook | None = No
     record.resumed_from_epoch = result.resumed_from_epoch
     record.parameter_breakdown = parameter_breakdown(model)
 
+    # the stages after the last epoch take a while on a CPU: say what is going on
+    log.info("%s: training done; saving the %s", variant.name, method.artifact)
     with atomic_dir(job.out / method.artifact) as tmp:
         module.save(model, job, tmp)
     record.artifact_bytes = folder_bytes(job.out / method.artifact)
     # latency leaves a mergeable model merged: the test subset is scored on the model a
     # user would deploy, once, with larger batches
+    log.info("%s: measuring inference latency (batch of one, %s)", variant.name,
+             "base, unmerged and merged model" if method.mergeable else "final model")
     latency = latency_fields(model, frames["test"], device, dtype,
                              adapter=module if method.mergeable else None)
     for key, value in latency.items():
         setattr(record, key, value)
+    log.info("%s: scoring the %d test reviews once, with the final model", variant.name,
+             len(frames["test"]))
     start = time.perf_counter()
     test_prob = softmax_positive(predict_logits(
         model, frames["test"], config.batch_size * EVAL_BATCH_FACTOR, device, dtype))

@@ -23,6 +23,7 @@ import pandas as pd
 
 from tasks.config import ExperimentConfig
 from tasks.paths import SPLITS, RunPaths, read_json, write_json
+from tasks.steps import StepNotRun
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def validate_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
     for split in SPLITS:
         path = paths.split_parquet(split)
         if not path.exists():
-            raise ValueError(f"{path} does not exist: run download_dataset before validate_dataset")
+            raise StepNotRun(path, "download")
         frames[split] = pd.read_parquet(path)
     sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
 
@@ -124,10 +125,10 @@ def validate_source(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any]
     """The full source splits against a suite of their own (schema, text type, labels,
     balance, duplicates): a fault the drawn subsets happen to miss still stops the run.
     The result is cached beside the normalised splits, so each source is checked once."""
-    from tasks.data import source_folder
+    from tasks.sources import SOURCE_SPLITS, source_folder
 
     folder = source_folder(config.data, paths.cache_dir)
-    if not all((folder / f"{s}.parquet").exists() for s in ("train", "test")):
+    if not all((folder / f"{s}.parquet").exists() for s in SOURCE_SPLITS):
         return {"success": True, "expectations": [], "skipped": f"no full splits in {folder}: "
                 "the subsets were not written by the download step"}
     cached = folder / f"validation-{SOURCE_SUITE_VERSION}.json"
@@ -135,7 +136,7 @@ def validate_source(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any]
         result = read_json(cached)
         return {**result, "cached": True}
     frames = with_derived_columns(
-        {f"source {s}": pd.read_parquet(folder / f"{s}.parquet") for s in ("train", "test")})
+        {f"source {s}": pd.read_parquet(folder / f"{s}.parquet") for s in SOURCE_SPLITS})
     entries, _ = run_suites(frames, {s: expectations() for s in frames})
     result = {"success": all(e["success"] for e in entries), "expectations": entries,
               "rows": {s: len(f) for s, f in frames.items()}, "folder": str(folder)}

@@ -1,8 +1,13 @@
-"""Shared fixtures: the real IMDB sample, small configs and isolated run folders."""
+"""Shared fixtures: the real IMDB sample, small configs, isolated run folders, one data and
+tokenization cache per session and one smoke run of every method per session."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +26,63 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # models are tiny, and on a loaded machine two spinning OpenMP threads made batch-1
 # forward passes over ten times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# The shrunk smoke run of the CLI tests and of the session's shared run.
+TINY = {"train_size": 64, "val_size": 32, "test_size": 32, "max_length": 32}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory) -> Path:
+    """One data and tokenization cache for the whole session ($LORAFLOW_CACHE, inherited by
+    the CLI, Airflow and cluster processes the tests start): a fresh artifacts folder no
+    longer re-normalises the full IMDB splits, re-validates the whole source or re-tokenizes
+    what an earlier test tokenized. Tests that watch the cache itself use `private_cache`."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LORAFLOW_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture
+def private_cache(monkeypatch) -> None:
+    """The cache in its default place, under the test's own artifacts root: for the tests
+    that count cache hits and misses or look at what the cache holds."""
+    monkeypatch.delenv("LORAFLOW_CACHE", raising=False)
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """The session's `loraflow run` of the smoke preset (every registered method) at TINY
+    sizes."""
+
+    done: subprocess.CompletedProcess
+    artifacts: Path
+    reports: Path
+    run_id: str = "cli-smoke"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.artifacts / "runs" / self.run_id
+
+    @property
+    def report(self) -> Path:
+        return self.reports / self.run_id / "report.html"
+
+
+@pytest.fixture(scope="session")
+def smoke_all(tmp_path_factory, imdb_dir, shared_cache) -> SmokeRun:
+    """One smoke run (the preset runs every registered method) through the CLI in a
+    subprocess, read by the CLI, BitFit and report tests; read-only: a test that would
+    change it copies it to its tmp_path first."""
+    root = tmp_path_factory.mktemp("smoke-all")
+    env = {**os.environ, "LORAFLOW_ARTIFACTS": str(root / "a"),
+           "LORAFLOW_REPORTS": str(root / "r"), "LORAFLOW_PROGRESS": "0"}
+    sizes = [arg for key, value in TINY.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "run", "--preset", "smoke",
+                           "--data", str(imdb_dir), *sizes, "--run-id", SmokeRun.run_id],
+                          env=env, capture_output=True, text=True, check=False, timeout=600)
+    return SmokeRun(done, root / "a", root / "r")
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +122,54 @@ def smoke_config(imdb_dir):
 def smoke_run(smoke_config, artifacts):
     """(config, paths) of a prepared smoke run in a temporary artifacts root."""
     return smoke_config, prepare_run(smoke_config, "test-run", artifacts, artifacts.parent / "reports")
+
+
+# --- Airflow ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated metadata database (SQLite) in the DAG tests' throw-away home (see
+    tests/dags/conftest.py), with the `gpu` pool: once per session."""
+    from tests.dags.conftest import migrate_home
+
+    return migrate_home()
+
+
+_AIRFLOW = ExitStack()  # the session's real Airflow, stopped after the last test that uses it
+
+
+@pytest.fixture(scope="session")
+def airflow_server(tmp_path_factory, airflow_db):
+    """One real Airflow (API server, scheduler, DAG processor) for the session's scheduler,
+    browser and plugin tests, started from a copy of the migrated database."""
+    from tests.airflow_server import running_airflow
+    from tests.dags.conftest import airflow_env
+
+    root = tmp_path_factory.mktemp("airflow-cluster")
+    with _AIRFLOW:
+        yield _AIRFLOW.enter_context(running_airflow(root, airflow_env(),
+                                                     airflow_db / "pristine.db"))
+
+
+@pytest.fixture
+def airflow(airflow_server):
+    """The session's real Airflow, with no DAG run left from an earlier test."""
+    airflow_server.delete_runs()
+    return airflow_server
+
+
+def pytest_collection_modifyitems(items):
+    """The tests of the real Airflow run one after another, from where the first of them
+    is, so that it can stop right after the last (pytest_runtest_teardown)."""
+    users = [item for item in items if "airflow" in getattr(item, "fixturenames", ())]
+    if users:
+        chosen = set(users)
+        others = [item for item in items if item not in chosen]
+        first = items.index(users[0])
+        items[:] = others[:first] + users + others[first:]
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if "airflow" in getattr(item, "fixturenames", ()) and (
+            nextitem is None or "airflow" not in getattr(nextitem, "fixturenames", ())):
+        _AIRFLOW.close()  # its processes would only load the two cores from here on

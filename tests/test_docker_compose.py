@@ -255,7 +255,8 @@ def run_init_script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     (bin_dir / "python").symlink_to(sys.executable)
     full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "LORAFLOW_AUTH_DIR": str(tmp_path / "auth"), "AIRFLOW_ADMIN_USER": "admin",
-            "AIRFLOW_ADMIN_PASSWORD": "pw", "GPU_POOL_SLOTS": "3", "AIRFLOW_FERNET_KEY": "", **env}
+            "AIRFLOW_ADMIN_PASSWORD": "pw", "GPU_POOL_SLOTS": "3", "AIRFLOW_FERNET_KEY": "",
+            "LORAFLOW_TASKS_PER_GPU": "1", **env}
     return subprocess.run(["bash", str(DOCKER / "airflow-init.sh")], env=full, check=True,
                           capture_output=True, text=True, timeout=60)
 
@@ -402,3 +403,22 @@ def test_dockerignore_keeps_the_context_small_but_lets_every_copy_through():
             sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
             assert set(sources) <= allowed, line
             assert all((ROOT / s).exists() for s in sources), line
+
+
+def test_tasks_per_gpu_sets_gpu_worker_concurrency_lease_and_pool(tmp_path):
+    services = interpolate(yaml.safe_load((DOCKER / "docker-compose.yaml").read_text()),
+                           settings(LORAFLOW_TASKS_PER_GPU="4"))["services"]
+    gpu = services["airflow-gpu-worker"]
+    assert option(gpu["command"], "--concurrency") == "4"
+    for name, service in airflow_services(services).items():  # every task's lease sees k
+        assert environment(service)["LORAFLOW_TASKS_PER_GPU"] == "4", name
+    run_init_script(tmp_path, GPU_POOL_SLOTS="3", LORAFLOW_TASKS_PER_GPU="4")
+    calls = (tmp_path / "airflow-calls").read_text().splitlines()
+    assert calls[1].startswith("pools set gpu 12 ")  # 3 GPUs x 4 tasks each
+
+
+def test_init_refuses_auto_where_no_gpu_can_be_measured(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_init_script(tmp_path, LORAFLOW_TASKS_PER_GPU="auto")
+    assert "LORAFLOW_TASKS_PER_GPU must be a whole number >= 1 here" in failed.value.stderr
+    assert not (tmp_path / "airflow-calls").exists()

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora_core.inject import head_module_names
-from tasks.variants import Job
+from tasks.job import Job
 
 WEIGHTS = "bitfit.safetensors"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.variants import Job
+from tasks.job import Job
 
 
 def make_trainable(model: nn.Module, job: Job) -> None:

@@ -27,7 +27,7 @@ import torch
 
 if TYPE_CHECKING:
     from tasks.features import Pooling
-    from tasks.variants import Job, Predictions
+    from tasks.job import Job, Predictions
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)  # inverse L2 strength; standardised
 # features of a few hundred dimensions want strong regularisation on small data (measured:
@@ -175,15 +175,15 @@ def pooling_note(result: ProbeResult, folds: int = CV_FOLDS) -> str:
 
 def predict(job: Job) -> Predictions:
     """The method's entry point: encode the run's three subsets and fit the probe."""
-    from tasks.evaluate import PeakMemory, autocast_dtype
+    from tasks.evaluate import PeakMemory
+    from tasks.job import Predictions
     from tasks.tokenize import load_split
-    from tasks.variants import Predictions
 
     frames = {s: load_split(job.paths, s) for s in ("train", "validation", "test")}
     with PeakMemory(job.device) as memory:
         result = linear_probe(job.config.model, frames["train"], frames["validation"],
                               frames["test"], device=job.device,
-                              dtype=autocast_dtype(job.config.precision, job.device))
+                              dtype=job.dtype)
     record = job.record
     record.hyperparameters.update(features=f"frozen encoder, {result.pooling} pooling",
                                   pooling=result.pooling,

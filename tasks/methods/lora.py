@@ -12,7 +12,7 @@ from torch import nn
 
 from lora_core.adapter import save_adapter
 from lora_core.inject import inject_lora, lora_layers, merge_lora
-from tasks.variants import Job
+from tasks.job import Job
 
 
 def make_trainable(model: nn.Module, job: Job) -> None:

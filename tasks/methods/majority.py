@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from tasks.variants import Job, Predictions
+from tasks.job import Job, Predictions
 
 
 def predict(job: Job) -> Predictions:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.variants import Job, Predictions
+from tasks.job import Job, Predictions
 
 BATCH = 64  # inference only: no gradients, so larger than the training batch
 LATENCY_EXAMPLES = 32
@@ -19,17 +19,20 @@ MODEL_SEED = 0  # random-weight models are built from this seed
 
 
 def cls_sums(encoder: torch.nn.Module, frame: pd.DataFrame, device: str,
-             batch_size: int = BATCH) -> np.ndarray:
+             batch_size: int = BATCH, dtype: torch.dtype | None = None) -> np.ndarray:
     """Sum over hidden units of the [CLS] (first) position's last hidden state, one float
-    per row in the frame's order; batches padded to their longest row, sorted by length."""
-    from tasks.evaluate import eval_mode, pad_batch, pad_id_of, sorted_batches
+    per row in the frame's order; batches padded to their longest row, sorted by length;
+    under autocast to `dtype` (None: fp32), summed in fp64."""
+    from tasks.evaluate import autocast, eval_mode, pad_batch, pad_id_of, sorted_batches
 
     ids_col, pad = frame["input_ids"].tolist(), pad_id_of(encoder)
     out = np.empty(len(frame), dtype=np.float64)
     with eval_mode(encoder):
         for idx in sorted_batches(frame["length"].to_numpy(), batch_size):
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
-            hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            with autocast(device, dtype):
+                hidden = encoder(input_ids=ids.to(device),
+                                 attention_mask=mask.to(device)).last_hidden_state
             out[idx] = hidden[:, 0, :].to(torch.float64).sum(dim=-1).cpu().numpy()  # (B,)
     return out
 
@@ -47,20 +50,21 @@ def predict(job: Job) -> Predictions:
         # the bare pretrained encoder (DistilBertModel / BertModel), as the notebook used
         encoder = load_classifier(job.config.model, seed=MODEL_SEED).base_model.to(device)
         started = time.perf_counter()
-        scores = {s: cls_sums(encoder, frames[s], device) for s in frames}
+        scores = {s: cls_sums(encoder, frames[s], device, dtype=job.dtype) for s in frames}
         eval_seconds = time.perf_counter() - started
     test = scores["test"]
     positive_share = float((test > 0).mean())
     record = job.record
     record.hyperparameters.update(score="sum of the encoder's [CLS] hidden state", threshold=0.0,
                                   prob_positive="sigmoid(score)", batch_size=BATCH,
-                                  precision="fp32")
+                                  precision=job.precision)
     record.params_total = sum(p.numel() for p in encoder.parameters())
     record.params_trainable = 0
     record.peak_memory_bytes, record.peak_memory_kind = memory.peak_bytes, memory.kind
     record.eval_seconds = eval_seconds
     record.inference_ms_per_example = measure_latency_ms(
-        encoder, frames["test"], device, min(LATENCY_EXAMPLES, len(frames["test"])))
+        encoder, frames["test"], device, min(LATENCY_EXAMPLES, len(frames["test"])),
+        dtype=job.dtype)
     record.details["score_summary"] = {"mean": float(test.mean()), "std": float(test.std()),
                                        "positive_share": positive_share}
     labels = frames["test"]["label"].to_numpy()

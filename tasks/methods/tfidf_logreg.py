@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.job import Job, Predictions
 from tasks.paths import atomic_dir, write_json
-from tasks.variants import Job, Predictions
 
 C_GRID = (1.0, 4.0, 10.0)  # inverse regularisation
 CV_FOLDS = 5

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tasks.job import Job, Predictions
 from tasks.methods.tfidf_logreg import SPLITS, fit_predict
-from tasks.variants import Job, Predictions
 
 
 def predict(job: Job) -> Predictions:

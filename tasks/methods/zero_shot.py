@@ -37,7 +37,7 @@ from tasks.text import cut, describe, normalise
 from tasks.tokenize import special_tokens_around
 
 if TYPE_CHECKING:
-    from tasks.variants import Job, Predictions
+    from tasks.job import Job, Predictions
 
 Mode = Literal["embedding", "cloze"]
 TEMPERATURE = 0.05  # 1 / the MultipleNegativesRankingLoss scale (20) of sentence-transformers
@@ -254,8 +254,8 @@ def choose_and_score(model_source: str, validation_texts: list[str],
     NotApplicable when no cloze alternative's label words are single tokens of its
     tokenizer (those that are not are skipped and listed in `skipped`)."""
     from tasks.features import pooling_for
+    from tasks.job import NotApplicable
     from tasks.models import load_tokenizer
-    from tasks.variants import NotApplicable
 
     mode, reason = zero_shot_mode(model_source)
     if mode is None:
@@ -333,8 +333,8 @@ def predict(job: Job) -> Predictions:
     import pandas as pd
 
     from tasks import registry
-    from tasks.evaluate import PeakMemory, autocast_dtype
-    from tasks.variants import NotApplicable, Predictions
+    from tasks.evaluate import PeakMemory
+    from tasks.job import NotApplicable, Predictions
 
     mode, reason = zero_shot_mode(job.config.model)
     if mode is None:
@@ -347,7 +347,7 @@ def predict(job: Job) -> Predictions:
                                   frames["test"]["text"].tolist(),
                                   max_length=job.config.max_length,
                                   truncation=job.config.truncation, device=job.device,
-                                  dtype=autocast_dtype(job.config.precision, job.device))
+                                  dtype=job.dtype)
     record = job.record
     record.hyperparameters.update(result.hyperparameters)
     record.params_trainable = 0

@@ -18,7 +18,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader
 from markupsafe import Markup
 
-from tasks import registry
+from tasks import failures, registry
 from tasks.paths import read_json, report_slug, safe_run_id, write_json, write_text
 from tasks.paths import reports_root as default_reports_root
 from tasks.registry import Variant
@@ -31,7 +31,7 @@ from tasks.report.compute import (
     select,
 )
 from tasks.report.format import COLUMNS, FILTERS, as_int, csv_table, fmt_time, markdown_table
-from tasks.report.load import StoredRun, load_run
+from tasks.report.load import StoredRun, load_stored_run
 from tasks.report.regression import fingerprint, since_last_comparable
 from tasks.report.sections import (
     class_balance,
@@ -108,9 +108,8 @@ def _figures(run: StoredRun, configs: list[Configuration]) -> list[dict[str, Any
               "One point per configuration (mean over seeds); methods that train nothing are "
               "left out.", plots.accuracy_vs_params, ok_rows),
         _draw("Training loss per step",
-              "The selected configuration of each trained method, every seed: faint lines "
-              "are the logged steps, solid lines their moving average.",
-              plots.loss_curves, loss),
+              "The selected configuration of each trained method, every seed. "
+              + plots.loss_caption(loss), plots.loss_curves, loss),
         _draw("Validation accuracy per epoch",
               "The selected configurations; evaluated on the whole validation subset after "
               "each epoch.", plots.eval_curves, evals),
@@ -150,7 +149,7 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
     root = Path(reports_root) if reports_root is not None else default_reports_root()
     out = root.resolve() / report_slug(run_id)
 
-    run = load_run(run_dir)
+    run = load_stored_run(run_dir)
     configs = configurations(run)
     chosen = select(configs)
     head = headline(run, configs, chosen)
@@ -168,9 +167,10 @@ def build_report(run_dir: Path | str, reports_root: Path | str | None = None) ->
             "tokens": run.tokens, "records": [r.to_dict() for r in run.records],
             "comparison": [c.row for c in configs], "headline": head, "provenance": prov,
             "since_last_comparable": since, "missing": run.missing}
+    failure = failures.read(run_id, root)  # a data step that stopped the run, if any
     html = _env().get_template("report.html").render(
         run_id=run_id, config=run.config or {}, rows=rows, head=head, prov=prov, run=run,
-        since=since, fp=fp,
+        since=since, fp=fp, stopped=failures.sentence(failure) if failure else None,
         figures=_figures(run, configs),
         token_fig=_draw("Token-length distribution",
                         "Lengths before truncation; reviews right of the dashed line are cut.",

@@ -20,7 +20,7 @@ import numpy as np
 
 from tasks import registry
 from tasks.config import RANDOM_MODELS
-from tasks.metrics import MetricsRecord, bootstrap_accuracy_ci
+from tasks.metrics import STATUSES, MetricsRecord, bootstrap_accuracy_ci
 from tasks.registry import Variant, format_lr
 from tasks.report.format import fmt_acc, fmt_p, fmt_pct, fmt_points
 from tasks.report.load import StoredRun
@@ -103,6 +103,9 @@ def aggregate(records: list[MetricsRecord]) -> dict[str, Any]:
         "targets": variant.targets if variant else None,
         "lr": format_lr(variant.lr) if variant and variant.lr else None,
         "precision": ok[0].precision if ok else None,
+        # the Airflow try that wrote each record (a placeholder for a missing one has none)
+        "attempts": [r.attempt for r in records if r.status in STATUSES],
+        "finished_at": max((r.finished_at for r in records if r.finished_at), default=None),
         "reason": next((r.reason for r in records if r.reason), None),
         "error": next((r.error for r in records if r.error), None),
     }
@@ -361,13 +364,14 @@ def headline(run: StoredRun, configs: list[Configuration],
         out["sentences"].append("No comparison of LoRA and full fine-tuning could be made: "
                                 + "; ".join(reasons) + ".")
 
-    # a baseline at or above a trained method is news: the headline says it, tested
+    # A baseline at or above a trained method, or within test noise of it, is news: the
+    # headline says so; a trained method that clearly beat a baseline is a detail.
     for c in family:
         if registry.method(c["a"].method).trained:  # LoRA against full fine-tuning: above
             continue
-        if c["a"].row["accuracy"] >= c["b"].row["accuracy"] or c["significant"]:
-            (out["sentences"] if c["a"].row["accuracy"] >= c["b"].row["accuracy"]
-             else out["details"]).append(c["sentence"])
+        baseline_won = c["a"].row["accuracy"] >= c["b"].row["accuracy"]
+        (out["sentences"] if baseline_won or not c["significant"]
+         else out["details"]).append(c["sentence"])
 
     for m, c in chosen.items():
         out["kpis"].append({"method": m, "value": fmt_acc(c.row["accuracy"]),

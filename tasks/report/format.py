@@ -142,6 +142,22 @@ def _latency_detail(row: dict[str, Any]) -> str | None:
     return " · ".join(parts)
 
 
+def _try_detail(row: dict[str, Any]) -> str | None:
+    """Which try wrote the row's record(s) and when: a cleared and re-run variant shows
+    `try 2`, so its new timings are not mistaken for the first run's."""
+    tries = sorted(set(row.get("attempts") or []))
+    if not tries:
+        return None
+    text = f"try {tries[0]}" if len(tries) == 1 else f"tries {', '.join(map(str, tries))}"
+    if not row.get("finished_at"):
+        return text
+    try:
+        when = datetime.fromisoformat(row["finished_at"]).astimezone(UTC)
+    except (TypeError, ValueError):
+        return text
+    return f"{text} · {when:%d %b %H:%M} UTC"
+
+
 COLUMNS = (
     Column("Configuration", ("name", "method", "label"), lambda r: r["label"],
            lambda r: None if r["label"].startswith(r["method_label"]) else r["method_label"],
@@ -170,7 +186,8 @@ COLUMNS = (
     Column("Latency / example", ("inference_ms_per_example", "latency_merged_ms",
                                    "latency_unmerged_ms", "latency_base_ms"),
            lambda r: fmt_ms(r.get("inference_ms_per_example")), _latency_detail),
-    Column("Status", ("status", "error", "reason"), lambda r: r["status"], numeric=False),
+    Column("Status", ("status", "attempts", "finished_at", "error", "reason"),
+           lambda r: r["status"], _try_detail, numeric=False),
 )
 
 

@@ -126,7 +126,7 @@ def sort_key(record: MetricsRecord) -> tuple:
     return (rank, *dims, record.variant)
 
 
-def load_run(run_dir: Path) -> StoredRun:
+def load_stored_run(run_dir: Path) -> StoredRun:
     missing: dict[str, str] = {}
     config = _json(run_dir / "config.json", "Run parameters", "config", missing)
     run = StoredRun(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from typing import Any
 
 import matplotlib as mpl
@@ -144,9 +145,34 @@ def _styles(series: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+SMOOTH_ABOVE = 30  # points per line; above this the per-step loss gets a moving average
+
+
+def smoothing_window(points: int) -> int | None:
+    """Moving-average window for a loss line of `points` (after thinning), or None."""
+    return max(3, points // 25) if points > SMOOTH_ABOVE else None
+
+
+def loss_caption(series: list[dict[str, Any]]) -> str:
+    """What `loss_curves` draws for these series, in words (the caption must match it)."""
+    points = [min(len(s["steps"]), MAX_POINTS) for s in series if len(s["steps"]) > 0]
+    smoothed = [n for n in points if smoothing_window(n)]
+    thinned = any(len(s["steps"]) > MAX_POINTS for s in series)
+    raw = (f"the logged loss (means of {MAX_POINTS} equal bins of steps)" if thinned
+           else "the loss at every logged step")
+    if smoothed and len(smoothed) == len(points):
+        return (f"Faint lines: {raw}; solid lines: its moving average over 1/25 of the "
+                "points.")
+    if smoothed:
+        return (f"Lines with more than {SMOOTH_ABOVE} logged steps: faint {raw} and a solid "
+                "moving average; the others join their logged steps.")
+    return f"Each line joins {raw} (too few steps to smooth)."
+
+
 def loss_curves(series: list[dict[str, Any]]) -> str | None:
     """Training loss per optimizer step, one line per variant in its method's colour: a
-    faint line for every logged step and a solid moving average when there are many."""
+    faint line for every logged step and a solid moving average when there are many
+    (`loss_caption` says which)."""
     series = [s for s in series if len(s["steps"]) > 0]
     if not series:
         return None
@@ -155,8 +181,8 @@ def loss_curves(series: list[dict[str, Any]]) -> str | None:
         ax = ax[0, 0]
         for s, (color, style) in zip(series, _styles(series)):
             x, y = _thin(np.asarray(s["steps"], float), np.asarray(s["values"], float))
-            if len(y) > 30:  # noisy per-step losses: the trend over the raw trace
-                window = max(3, len(y) // 25)
+            window = smoothing_window(len(y))
+            if window:  # noisy per-step losses: the trend over the raw trace
                 smooth = np.convolve(y, np.ones(window) / window, mode="valid")
                 ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
                 ax.plot(x[window - 1 :], smooth, color=color, linewidth=1.6, linestyle=style,
@@ -188,8 +214,78 @@ def eval_curves(series: list[dict[str, Any]]) -> str | None:
         return to_svg(fig, "eval")
 
 
+# Where a point's label may go, in points from the point: beside it (right, left), above,
+# below, then further up or down, where a thin leader line ties it to its point.
+_LABEL_SPOTS = ((6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"),
+                (-6, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"),
+                *((dx, dy, ha, "bottom" if dy > 0 else "top")
+                  for lift in (18, 30) for dy in (lift, -lift)
+                  for dx, ha in ((0, "center"), (6, "left"), (-6, "right"))))
+
+
+def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]],
+                 marker_pt: float = 6) -> list[tuple[float, float, float, float]]:
+    """Label each point where the label covers no marker and no other label and stays
+    inside the axes: the first free spot of _LABEL_SPOTS, else the least crowded one.
+    Returns the boxes (display pixels) of the markers, then of the labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # settles the constrained layout, so display positions are final
+    renderer = canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pad = marker_pt / 2 * fig.dpi / 72 + 2  # a marker's radius in display pixels, and a gap
+    markers = [ax.transData.transform((x, y)) for x, y, _ in points]
+    taken = [(mx - pad, my - pad, mx + pad, my + pad) for mx, my in markers]
+
+    def area(a, b) -> float:
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    def clash(box) -> float:
+        """How much `box` leaves the axes (weighted heavily) or covers markers and labels."""
+        x0, y0, x1, y1 = box
+        out = max(0.0, frame.x0 - x0) + max(0.0, x1 - frame.x1) + max(0.0, frame.y0 - y0) \
+            + max(0.0, y1 - frame.y1)
+        return out * 1000 + sum(area(box, b) for b in taken)
+
+    leaders: list[tuple[float, float, float, float]] = []  # thin boxes around leader lines
+
+    for (x, y, text), (mx, my) in zip(points, markers):
+        best = None
+        for dx, dy, ha, va in _LABEL_SPOTS:
+            leader = {"arrowprops": {"arrowstyle": "-", "color": "#999999", "linewidth": 0.6,
+                                     "shrinkA": 0, "shrinkB": 4}} if abs(dy) > 9 else {}
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
+                                ha=ha, va=va, fontsize=7, color="#444444", **leader)
+            label.set_in_layout(False)  # placed after layout: must not move the axes
+            label.update_positions(renderer)
+            e = Text.get_window_extent(label, renderer)  # the text's box, not its leader
+            box = (e.x0, e.y0, e.x1, e.y1)
+            line = None
+            if leader:  # from the marker's edge to the label's near edge
+                lx = mx + dx * fig.dpi / 72
+                line = (min(mx, lx) - 1, my + pad if dy > 0 else e.y1,
+                        max(mx, lx) + 1, e.y0 if dy > 0 else my - pad)
+            cost = clash(box) + sum(area(box, b) for b in leaders) + (
+                clash(line) + sum(area(line, b) for b in taken[len(markers):]) if line else 0)
+            if best is None or cost < best[0]:
+                if best:
+                    best[1].remove()
+                best = (cost, label, box, line)
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+        if best[3]:
+            leaders.append(best[3])
+    return taken
+
+
 def accuracy_vs_params(rows: list[dict[str, Any]]) -> str | None:
-    """Accuracy against the number of trained parameters (log scale)."""
+    """Accuracy against the number of trained parameters (log scale); each label sits
+    where it hides no other point or label and stays inside the plot."""
     rows = [
         r for r in rows if r.get("accuracy") is not None and (r.get("params_trainable") or 0) > 0
     ]
@@ -198,28 +294,16 @@ def accuracy_vs_params(rows: list[dict[str, Any]]) -> str | None:
     with mpl.rc_context(_RC):
         fig, ax = _figure(6.4, 3.4)
         ax = ax[0, 0]
-        # neighbours in x alternate their labels above and below, so close points stay legible
-        for i, r in enumerate(sorted(rows, key=lambda r: (r["params_trainable"], r["label"]))):
-            ax.plot(
-                r["params_trainable"],
-                r["accuracy"],
-                "o",
-                markersize=6,
-                color=method_color(r["method"]),
-            )
-            ax.annotate(
-                r["label"],
-                (r["params_trainable"], r["accuracy"]),
-                fontsize=7,
-                xytext=(5, 4) if i % 2 == 0 else (5, -11),
-                textcoords="offset points",
-                color="#444444",
-            )
+        rows = sorted(rows, key=lambda r: (r["params_trainable"], r["label"]))
+        for r in rows:
+            ax.plot(r["params_trainable"], r["accuracy"], "o", markersize=6,
+                    color=method_color(r["method"]))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel("test accuracy")
-        ax.margins(x=0.25, y=0.2)
+        ax.margins(x=0.3, y=0.25)
         _method_legend(ax, {r["method"] for r in rows})
+        place_labels(fig, ax, [(r["params_trainable"], r["accuracy"], r["label"]) for r in rows])
         return to_svg(fig, "params")
 
 
@@ -298,11 +382,15 @@ def confusion_grid(items: list[dict[str, Any]]) -> str | None:
         return None
     ncols = min(6, len(items))  # the page shows this figure across the full width
     nrows = math.ceil(len(items) / ncols)
+    # titles wrapped to the panel's width (about 24 characters at 8 pt), never cut
+    titles = [textwrap.fill(i["label"], 24, break_on_hyphens=False) for i in items]
+    lines = max(t.count("\n") + 1 for t in titles)
     with mpl.rc_context(_RC):
-        fig, axes = _figure(1.75 * ncols + 0.4, 1.9 * nrows + 0.2, ncols=ncols, nrows=nrows)
+        fig, axes = _figure(1.75 * ncols + 0.4, (1.75 + 0.15 * lines) * nrows + 0.2,
+                            ncols=ncols, nrows=nrows)
         for ax in axes.flat:
             ax.set_visible(False)
-        for ax, item in zip(axes.flat, items):
+        for ax, item, title in zip(axes.flat, items, titles):
             m = np.asarray(item["matrix"], dtype=float)
             ax.set_visible(True)
             ax.imshow(m / max(m.sum(), 1), cmap="Blues", vmin=0, vmax=1)
@@ -319,7 +407,7 @@ def confusion_grid(items: list[dict[str, Any]]) -> str | None:
             ax.set_xticks([0, 1], ["neg", "pos"])
             ax.set_yticks([0, 1], ["neg", "pos"])
             ax.grid(False)
-            ax.set_title(item["label"], fontsize=8)
+            ax.set_title(title, fontsize=8)
             ax.tick_params(length=0)
         fig.supxlabel("predicted", fontsize=8)
         fig.supylabel("true label", fontsize=8)

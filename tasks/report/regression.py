@@ -28,7 +28,7 @@ from typing import Any
 from tasks import registry
 from tasks.paths import artifacts_root, read_json
 from tasks.report.compute import Configuration, compare, configurations, select
-from tasks.report.load import StoredRun, load_run
+from tasks.report.load import StoredRun, load_stored_run
 
 GOOD_STATUSES = {"ok", "not_applicable"}  # a successful run has no variant in another state
 SETTINGS_NOT_IN_FINGERPRINT = ("data",)  # where the data came from; its content is hashed
@@ -172,7 +172,7 @@ def since_last_comparable(run: StoredRun, run_dir: Path, reports_root: Path,
     if not (prev_dir / "results").is_dir():
         return {"previous": previous, "regression": False, "comparisons": [],
                 "why": f"The previous run's results are no longer stored ({prev_dir})."}
-    prev = load_run(prev_dir)
+    prev = load_stored_run(prev_dir)
     now_chosen = select(configurations(run))
     prev_chosen = select(configurations(prev))
     rows = []

@@ -65,6 +65,7 @@ def test_gpu_lease_hands_out_the_cuda_device_and_holds_it(monkeypatch, artifacts
 
     monkeypatch.delenv("LORAFLOW_DEVICE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("LORAFLOW_TASKS_PER_GPU", raising=False)  # one task per GPU
     count = torch.cuda.device_count()
     with gpu.gpu_lease() as device:
         assert device == "cuda:0"
@@ -76,3 +77,63 @@ def test_gpu_lease_hands_out_the_cuda_device_and_holds_it(monkeypatch, artifacts
                     pass
     with gpu.gpu_lease(timeout_s=1) as again:  # released: available again
         assert again == "cuda:0"
+
+
+def test_cuda_step_is_fused_and_logs_the_floats_float_loss_gives(frames, monkeypatch):
+    """The step without host syncs on a real GPU: fused AdamW, TF32 where the GPU has it,
+    and a loss history equal to each step's float(loss) (a hook syncs for the check)."""
+    from lora_core.inject import inject_lora
+    from tasks import train
+    from tasks.models import load_classifier
+
+    config, train_df, validation = frames
+    config = config.with_overrides(epochs=EPOCHS)
+    made: list[dict] = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(train.torch.optim, "AdamW",
+                        lambda *a, **k: made.append(k) or real_adamw(*a, **k))
+    train.seed_everything(0)
+    model = load_classifier("tiny-distilbert", seed=0)
+    inject_lora(model, "qkvo", rank=4, alpha=8)
+    per_step: list[float] = []
+    model.register_forward_hook(
+        lambda m, args, out: per_step.append(float(out.loss.detach())) if m.training else None)
+    result = train.fit(model, train_df, validation, lr=1e-2, config=config, seed=0,
+                       device="cuda", dtype=None)
+    assert made == [{"lr": 1e-2, "fused": True}]
+    assert [h["loss"] for h in result.loss_history] == per_step
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_pinned_non_blocking_copy_arrives_intact():
+    from tasks.train import to_device
+
+    source = torch.arange(16 * 128).reshape(16, 128)
+    moved = to_device(source, "cuda:0")
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), source)
+
+
+def test_auto_precision_on_this_gpu_follows_the_batch_shape():
+    from tasks.evaluate import autocast_dtype
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    assert autocast_dtype("auto", "cuda:0", tokens_per_batch=16 * 128) is None
+    assert autocast_dtype("auto", "cuda:0", tokens_per_batch=16 * 512) == torch.bfloat16
+
+
+def test_k_slot_lease_admits_k_tasks_per_real_device(monkeypatch, artifacts):
+    import contextlib
+
+    from tasks import gpu
+
+    monkeypatch.delenv("LORAFLOW_DEVICE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("LORAFLOW_TASKS_PER_GPU", "2")
+    count = torch.cuda.device_count()
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(gpu.gpu_lease(timeout_s=1)) for _ in range(2 * count)]
+        assert sorted(held) == sorted(f"cuda:{i}" for i in range(count) for _ in range(2))
+        with pytest.raises(TimeoutError), gpu.gpu_lease(timeout_s=0.3, poll_s=0.1):
+            pass

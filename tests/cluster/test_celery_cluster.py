@@ -22,9 +22,13 @@ from datetime import datetime
 from itertools import combinations
 from pathlib import Path
 
+import cluster_api  # scripts/ (tests/cluster/__init__.py): the REST client the launcher shares
+import cluster_env
+import cluster_processes
 import pytest
 
 from tasks.paths import report_slug
+from tasks.steps import DAG_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "loraflow_cluster.py"
@@ -33,10 +37,6 @@ TEST_REDIS_DB = 11  # the cluster tests' own Redis database; keys also carry a p
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
-# scripts/ is not a package: load the cluster script as the module `loraflow_cluster`.
-_spec = importlib.util.spec_from_file_location("loraflow_cluster", SCRIPT)
-lc = sys.modules.setdefault("loraflow_cluster", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(lc)
 
 # Two ranks, two seeds, full fine-tuning and the baselines, on a tiny slice of IMDB.
 SMOKE_SWEEP = {"preset": "smoke", "ranks": [2, 4], "seeds": [1, 2],
@@ -71,7 +71,7 @@ def _free_port_block(size: int) -> int:
 def _environment(session: int, home: Path) -> dict | None:
     """The environment a component started with, read from the first process of its session
     whose /proc/<pid>/environ setproctitle left readable."""
-    for proc in sorted(lc.processes_in_sessions({session}), key=lambda p: p.pid):
+    for proc in sorted(cluster_processes.processes_in_sessions({session}), key=lambda p: p.pid):
         env = proc.environ()
         if env.get("AIRFLOW_HOME") == str(home):
             return env
@@ -90,7 +90,7 @@ def _overlap(a: dict, b: dict) -> bool:
 class Cluster:
     home: Path
     state: dict
-    api: lc.Api
+    api: cluster_api.Api
 
     @property
     def workers(self) -> dict[str, dict]:
@@ -144,11 +144,11 @@ def cluster(tmp_path_factory, imdb_dir):
         started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=600,
                                  check=False)
         assert started.returncode == 0, f"start failed:\n{started.stdout}\n{started.stderr}"
-        state = lc.load_state(home)
-        yield Cluster(home, state, lc.Api(state["url"], lc.secrets_of(home)["admin_password"]))
+        state = cluster_processes.load_state(home)
+        yield Cluster(home, state, cluster_api.Api(state["url"], cluster_env.secrets_of(home)["admin_password"]))
     except BaseException:
         for log in sorted((home / "logs").glob("*.out")):
-            print(f"--- {log.name} (tail) ---\n{lc.tail(log)}")
+            print(f"--- {log.name} (tail) ---\n{cluster_processes.tail(log)}")
         raise
     finally:
         subprocess.run(stop, env=env, capture_output=True, timeout=120, check=False)
@@ -181,7 +181,7 @@ def _drop_redis_keys(url: str, prefix: str) -> None:
 
 @pytest.mark.timeout(600)  # includes starting the cluster
 def test_components_share_the_deployment_settings(cluster):
-    shared = lc.read_env_file(lc.SHARED_SETTINGS)
+    shared = cluster_env.read_env_file(cluster_env.SHARED_SETTINGS)
     envs = {name: _environment(entry["pid"], cluster.home)
             for name, entry in cluster.state["components"].items()}
     # setproctitle overwrites /proc/<pid>/environ of the api-server (and of nothing it starts);
@@ -206,14 +206,14 @@ def test_components_share_the_deployment_settings(cluster):
     if cluster.state["gpus"]:
         assert len({env["CUDA_VISIBLE_DEVICES"] for env in gpu}) == GPU_WORKERS
     assert cluster.api.get("/api/v2/pools/gpu")["slots"] == GPU_WORKERS
-    assert cluster.api.get(f"/api/v2/dags/{lc.DAG_ID}")["is_paused"] is True  # as in docker/
+    assert cluster.api.get(f"/api/v2/dags/{DAG_ID}")["is_paused"] is True  # as in docker/
 
 
 @pytest.mark.timeout(420)
 def test_smoke_sweep_runs_encoder_tasks_on_gpu_workers_two_at_a_time(cluster):
     run_id = cluster.api.trigger(SMOKE_SWEEP)
     run = cluster.api.wait(run_id, timeout=400)
-    print(lc.run_table(cluster.api, run_id))
+    print(cluster_api.run_table(cluster.api, run_id))
     tis = cluster.api.task_instances(run_id)
     assert run["state"] == "success", {(t["task_id"], t["map_index"]): t["state"] for t in tis}
 
@@ -246,7 +246,7 @@ def test_smoke_sweep_runs_encoder_tasks_on_gpu_workers_two_at_a_time(cluster):
 def _kill_worker(pid: int) -> list:
     """SIGKILL a worker the way a lost machine dies: every process of its session (Celery's
     main and pool processes, its log server, the task process in its own process group)."""
-    procs = lc.processes_in_sessions({pid})
+    procs = cluster_processes.processes_in_sessions({pid})
     for proc in procs:
         proc.kill()
     return procs
@@ -269,7 +269,7 @@ def test_a_killed_gpu_worker_loses_nothing(cluster):
                     and not (d / "metrics.json").exists()}
         return running if running and len(training) == len(running) else None
 
-    running = lc.wait_for("gpu tasks past their first epoch", gpu_tasks_past_their_first_epoch,
+    running = cluster_processes.wait_for("gpu tasks past their first epoch", gpu_tasks_past_their_first_epoch,
                           timeout=400, every=0.5)
     # The one that started last has the most training left.
     victim = max(running, key=lambda t: t["start_date"])["hostname"]
@@ -278,11 +278,11 @@ def test_a_killed_gpu_worker_loses_nothing(cluster):
     killed_at = time.time()
     gone = _kill_worker(pid)
     _, alive = psutil.wait_procs(gone, timeout=10)
-    assert alive == [] and lc.processes_in_sessions({pid}) == []
+    assert alive == [] and cluster_processes.processes_in_sessions({pid}) == []
 
     run = cluster.api.wait(run_id, timeout=480)
     print(f"killed {name} (pid {pid}, {len(gone)} processes) at {killed_at:.0f}")
-    print(lc.run_table(cluster.api, run_id))
+    print(cluster_api.run_table(cluster.api, run_id))
     tis = cluster.api.task_instances(run_id)
     assert run["state"] == "success", {(t["task_id"], t["map_index"]): t["state"] for t in tis}
 
@@ -317,12 +317,12 @@ def test_a_killed_gpu_worker_loses_nothing(cluster):
 def test_stop_ends_every_process_it_started(cluster):
     import psutil
 
-    sessions = lc.sessions_of(cluster.state)
-    before = lc.processes_in_sessions(sessions)
+    sessions = cluster_processes.sessions_of(cluster.state)
+    before = cluster_processes.processes_in_sessions(sessions)
     assert len(before) > 2 * len(sessions)  # pool processes, log servers, ...
     stop = [sys.executable, str(SCRIPT), "--home", str(cluster.home), "stop", "--grace", "10"]
     stopped = subprocess.run(stop, capture_output=True, text=True, timeout=120, check=False)
     assert stopped.returncode == 0, stopped.stderr
     _, alive = psutil.wait_procs(before, timeout=5)
-    assert alive == [] and lc.processes_in_sessions(sessions) == []
-    assert lc.load_state(cluster.home)["components"] == {}
+    assert alive == [] and cluster_processes.processes_in_sessions(sessions) == []
+    assert cluster_processes.load_state(cluster.home)["components"] == {}

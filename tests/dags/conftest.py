@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.steps import DAG_ID  # noqa: F401  (the tests import it from here)
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 DAGS_DIR = PROJECT_DIR / "dags"
 PLUGINS_DIR = PROJECT_DIR / "plugins"
-DAG_ID = "lora_imdb_experiment"
 
 _HOME = Path(tempfile.mkdtemp(prefix="loraflow-airflow-home-"))
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
@@ -66,11 +67,13 @@ def dag():
     return bag.dags[DAG_ID]
 
 
-@pytest.fixture(scope="session")
-def airflow_db() -> Path:
-    """A migrated metadata database (SQLite) in the throw-away home, with the `gpu` pool."""
+def migrate_home() -> Path:
+    """Migrate the metadata database (SQLite) in the throw-away home and add the `gpu` pool;
+    keep a copy of it as it is then (`pristine.db`) for a real Airflow to start from. The
+    session fixture `airflow_db` (tests/conftest.py) calls it once."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=airflow_env(),
                    check=True, capture_output=True, timeout=300)
     subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "test"],
                    env=airflow_env(), check=True, capture_output=True, timeout=120)
+    shutil.copyfile(_HOME / "airflow.db", _HOME / "pristine.db")
     return _HOME

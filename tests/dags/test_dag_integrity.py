@@ -47,9 +47,10 @@ def test_dag_parses_without_errors_and_without_the_ml_stack():
     assert result["errors"] == {}
     assert result["heavy"] == []  # neither torch, transformers, GX, lora_core nor our steps
     # the registry and the config (standard library only) build the trigger form; the
-    # asset names and the notifier (Airflow's BaseNotifier) are light too
+    # steps names the DAG, its schedule and its data steps; asset names and the notifier
+    # (Airflow's BaseNotifier) are light too
     assert result["ours"] == ["tasks", "tasks.assets", "tasks.config", "tasks.notify",
-                              "tasks.registry", "tasks.text"]
+                              "tasks.registry", "tasks.steps", "tasks.text"]
     assert result["seconds"] < 2.0  # the scheduler re-parses DAG files every few seconds
     assert result["cron"] == "0 0 * * 0"  # @weekly
 
@@ -90,7 +91,7 @@ def test_task_ids_and_dependencies(dag):
         assert up[f"plan_{name}"] == {"prepare"}
         assert dag.get_task(name).trigger_rule == "all_success"
     assert up["report"] == {"prepare", *MAPPED_TASKS}
-    assert up["check_variants"] == set(MAPPED_TASKS)
+    assert up["check_variants"] == {"prepare", *MAPPED_TASKS}  # prepare: its run folder
     assert up["check_regression"] == {"report"}
     assert {t.task_id for t in dag.tasks if not t.downstream_task_ids} == {"check_regression",
                                                                           "check_variants"}
@@ -149,9 +150,65 @@ def test_params_are_the_design_names_with_descriptions(dag):
         if name != "preset":  # every override is optional: empty keeps the preset's value
             assert param.value is None and "null" in param.schema["type"], name
     assert dag.params.get_param("preset").value == "cpu"
-    # the form shows each preset's values, its time on a CPU and the schedule
+    # the form shows each preset's values, its sweep, its number of variant tasks and the
+    # schedule; no run times (none were measured through Airflow for every preset)
     table = dag.params.get_param("preset").schema["description_md"]
     assert "| `smoke` | tiny-distilbert | 256 / 64 / 128 |" in table and "Schedule:" in table
+    smoke = tasks_config.preset_config("smoke")
+    assert f"| 4 × qkvo × 2e-3 / 5e-4 × 42 | {len(smoke.variants())} |" in table
+    assert "bitfit in `smoke`" in table  # the methods beyond those every preset runs
+    assert " min" not in table and "hours" not in table
+
+
+def test_dropdowns_read_as_sentences_and_empty_says_the_preset_keeps_its_value(dag):
+    presets = dag.params.get_param("preset").schema["values_display"]
+    smoke = tasks_config.preset_config("smoke")
+    assert presets["smoke"] == ("smoke: a plumbing check on random weights, "
+                                f"{len(smoke.variants())} variant tasks")
+    precision = dag.params.get_param("precision").schema["values_display"]
+    # the UI labels null with the "null" key; every value needs a label of its own there
+    assert precision["null"] == "(preset's value)"
+    assert set(precision) == {"null", *tasks_config.PRECISIONS}
+    truncation = dag.params.get_param("truncation").schema["values_display"]
+    assert truncation == {"null": "(preset's value)", **{t: t for t in tasks_config.TRUNCATIONS}}
+
+
+def test_sweep_lists_take_typed_text_or_a_json_list(dag):
+    from tasks.pipeline import config_from_params
+
+    typed = {"preset": "smoke", "lora_lr": "1e-3, 2e-3", "full_lr": "5e-5\n1e-4\n",
+             "ranks": "4,8", "seeds": "1 2 3"}
+    config = config_from_params(_validate(dag, typed))
+    assert (config.lora_lr, config.full_lr, config.ranks, config.seeds) == (
+        (1e-3, 2e-3), (5e-5, 1e-4), (4, 8), (1, 2, 3))
+    listed = config_from_params(_validate(dag, {"preset": "smoke", "lora_lr": [1e-3, 2e-3],
+                                                "full_lr": [5e-5, 1e-4], "ranks": [4, 8],
+                                                "seeds": [1, 2, 3]}))
+    assert listed == config
+    # the Sweep fields are the form's multi-type text field, not Airflow's JSON editor
+    for name in ("lora_lr", "full_lr", "ranks", "seeds"):
+        schema = dag.params.get_param(name).schema
+        assert schema["type"] == ["null", "array", "string"] and "examples" not in schema
+        assert "e.g." in dag.params.get_param(name).description
+
+
+@pytest.mark.parametrize("conf", [
+    {"lora_lr": "1e-3, fast"},
+    {"ranks": "4, 8.5"},
+    {"seeds": "1; two"},
+    {"full_lr": " \n"},
+])
+def test_typed_sweep_text_that_is_not_a_list_of_numbers_is_refused(dag, conf):
+    from airflow.exceptions import ParamValidationError
+
+    from tasks.pipeline import config_from_params
+
+    if not next(iter(conf.values())).strip():  # blank text: the preset's value
+        assert config_from_params(_validate(dag, conf)).full_lr == tasks_config.preset_config(
+            tasks_config.DEFAULT_PRESET).full_lr
+        return
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(conf))}"):
+        _validate(dag, conf)
 
 
 def test_params_are_built_from_the_registry_and_the_config(dag):

@@ -8,6 +8,7 @@ registry labels; it keeps no per-method list, so there is nothing in it to check
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,7 +69,8 @@ def test_the_dag_routes_encoder_methods_to_the_gpu_plan_and_the_others_to_the_cp
     """The prepare task's own code, with every method asked for in the run conf."""
     prepare = dag.get_task("prepare").python_callable
     context = {"params": {"preset": "smoke", "data": str(imdb_dir), "methods": NAMES},
-               "run_id": "manual__2026-11-29T05:00:00+00:00"}
+               "run_id": "manual__2026-11-29T05:00:00+00:00",
+               "ti": SimpleNamespace(try_number=1)}
     monkeypatch.setitem(prepare.__globals__, "get_current_context", lambda: context)
     plan = prepare()
     config = preset_config("smoke", data=str(imdb_dir), methods=NAMES)
@@ -87,12 +89,23 @@ def test_the_variant_tasks_read_back_what_the_plan_holds(all_methods_config):
         assert Variant.from_dict(v.to_dict()) == v  # XCom carries the dict
 
 
+def _members(protocol: type) -> set[str]:
+    """The functions a protocol of tasks.job asks for, its bases' included."""
+    return {n for cls in protocol.__mro__ if cls.__module__ == "tasks.job"
+            for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_method_has_its_module(name):
+    from tasks.job import Baseline, MergeableMethod, TrainedMethod
+
     method = METHODS[name]
     module = importlib.import_module(method.module)
-    needs = ("make_trainable", "save") if method.trained else ("predict",)
-    needs += ("merge", "bare") if method.mergeable else ()
+    contract = (MergeableMethod if method.mergeable else TrainedMethod) if method.trained \
+        else Baseline
+    needs = _members(contract)
+    assert needs >= ({"make_trainable", "save"} if method.trained else {"predict"})
+    assert needs >= ({"merge", "bare"} if method.mergeable else set())
     assert all(callable(getattr(module, f, None)) for f in needs), (name, needs)
     if method.trained:  # its learning rates are a config field (a sweep dimension)
         assert isinstance(getattr(preset_config("smoke"), method.lr_field), tuple)

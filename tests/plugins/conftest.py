@@ -8,7 +8,6 @@ import sys
 from tests.dags.conftest import (  # noqa: F401  (fixtures and the throw-away AIRFLOW_HOME)
     PLUGINS_DIR,
     _undo_airflow_logging,
-    airflow_db,
 )
 
 if str(PLUGINS_DIR) not in sys.path:

@@ -40,16 +40,9 @@ def test_bitfit_is_a_registered_trained_method_of_the_smoke_preset():
 
 
 @pytest.mark.slow
-def test_bitfit_runs_through_the_cli_into_the_report(tmp_path, imdb_dir, monkeypatch):
-    from tasks.cli import main
-
-    monkeypatch.setenv("LORAFLOW_PROGRESS", "0")
-    code = main(["run", "--preset", "smoke", "--data", str(imdb_dir), "--methods", "bitfit",
-                 "majority", "--train-size", "64", "--val-size", "32", "--test-size", "32",
-                 "--max-length", "32", "--run-id", "bitfit", "--artifacts", str(tmp_path / "a"),
-                 "--reports", str(tmp_path / "r")])
-    assert code == 0
-    out = tmp_path / "a" / "runs" / "bitfit" / "results" / "bitfit_lr2e-3_s42"
+def test_bitfit_runs_through_the_cli_into_the_report(smoke_all):
+    assert smoke_all.done.returncode == 0, smoke_all.done.stderr[-3000:]
+    out = smoke_all.run_dir / "results" / "bitfit_lr2e-3_s42"
     record = json.loads((out / "metrics.json").read_text())
     assert record["status"] == "ok" and record["method"] == "bitfit"
     assert 0 < record["params_trainable"] < 0.05 * record["params_total"]
@@ -61,5 +54,5 @@ def test_bitfit_runs_through_the_cli_into_the_report(tmp_path, imdb_dir, monkeyp
     changed = [n for n, t in saved.items() if not torch.equal(t, base.state_dict()[n])]
     assert changed  # training moved the biases and the head; the weights were never saved
 
-    html = (tmp_path / "r" / "bitfit" / "report.html").read_text()
+    html = smoke_all.report.read_text()
     assert "BitFit" in html and ".m-bitfit" in html

@@ -1,9 +1,9 @@
 """The `loraflow` command: the whole smoke chain, single steps, and clear failures."""
 
+import io
 import json
-import os
-import subprocess
-import sys
+import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pandas as pd
@@ -14,23 +14,19 @@ from tasks.cli import build_parser, main
 from tasks.config import preset_config
 from tasks.metrics import MetricsRecord
 from tasks.registry import Variant
+from tests.conftest import TINY as TINY_SIZES
 
-LORAFLOW = [sys.executable, "-m", "tasks.cli"]
 TINY = ["--train-size", "64", "--val-size", "32", "--test-size", "32", "--max-length", "32"]
 
 
 @pytest.mark.slow
-def test_run_smoke_end_to_end_prints_run_and_report(tmp_path, imdb_dir):
-    env = {**os.environ, "LORAFLOW_ARTIFACTS": str(tmp_path / "a"),
-           "LORAFLOW_REPORTS": str(tmp_path / "r"), "LORAFLOW_PROGRESS": "0"}
-    done = subprocess.run([*LORAFLOW, "run", "--preset", "smoke", "--data", str(imdb_dir),
-                           "--run-id", "cli-smoke"], env=env, capture_output=True, text=True,
-                          check=False, timeout=600)
+def test_run_smoke_end_to_end_prints_run_and_report(smoke_all, imdb_dir):
+    done = smoke_all.done  # `loraflow run --preset smoke` in a subprocess, once per session
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-2:]
-    run_dir = tmp_path / "a" / "runs" / "cli-smoke"
-    assert last == [f"run: {run_dir}", f"report: {tmp_path / 'r' / 'cli-smoke' / 'report.html'}"]
-    smoke = preset_config("smoke", data=str(imdb_dir))
+    run_dir = smoke_all.run_dir
+    assert last == [f"run: {run_dir}", f"report: {smoke_all.report}"]
+    smoke = preset_config("smoke", data=str(imdb_dir), **TINY_SIZES)
     expected = {v.name: v for v in smoke.variants()}
     records = {p.parent.name: MetricsRecord.read(p) for p in run_dir.glob("results/*/metrics.json")}
     assert set(records) == set(expected)
@@ -50,11 +46,12 @@ def test_run_smoke_end_to_end_prints_run_and_report(tmp_path, imdb_dir):
             assert any((run_dir / "results" / name / method.artifact).glob("*.safetensors")), name
     lora = next(v for v in expected.values() if v.method == "lora")
     assert (run_dir / "results" / lora.name / "adapter" / "adapter_model.safetensors").exists()
-    html = (tmp_path / "r" / "cli-smoke" / "report.html").read_text()
-    assert lora.name in html and (tmp_path / "r" / "index.html").exists()
+    html = smoke_all.report.read_text()
+    assert lora.name in html and (smoke_all.reports / "index.html").exists()
     assert 'id="plumbing"' in html  # tiny-distilbert: random weights
 
 
+@pytest.mark.slow  # a whole run in this process
 def test_targets_with_a_space_give_one_lora_variant_and_no_phantom(tmp_path, imdb_dir, capsys):
     """Bug 1: `--targets "q_lin, v_lin"` once gave the results folder one name and the
     report's list of asked-for variants another, so the table showed the LoRA run twice,
@@ -124,18 +121,28 @@ def test_config_flags_mirror_the_config_dataclass():
         [1e-3, 2e-3], [4, 8], ["qv", "q_lin,v_lin"], ["lora"])
 
 
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory, imdb_dir):
+    """A smoke run prepared, downloaded, validated and tokenized one step at a time, once
+    for the module; `prepared` gives each test a copy of its own."""
+    root = tmp_path_factory.mktemp("steps")
+    with pytest.MonkeyPatch.context() as env, redirect_stdout(io.StringIO()) as out:
+        env.setenv("LORAFLOW_ARTIFACTS", str(root / "a"))
+        env.setenv("LORAFLOW_REPORTS", str(root / "r"))
+        assert main(["step", "prepare", "--preset", "smoke", "--data", str(imdb_dir), *TINY,
+                     "--run-id", "steps"]) == 0
+        run_dir = Path(out.getvalue().split("run: ")[1].strip())
+        for step in ("download", "validate", "tokenize"):
+            assert main(["step", step, "--run-dir", str(run_dir)]) == 0, step
+    return run_dir
+
+
 @pytest.fixture
-def prepared(tmp_path, imdb_dir, capsys, monkeypatch):
-    """A smoke run prepared, downloaded, validated and tokenized one step at a time."""
+def prepared(prepared_once, tmp_path, monkeypatch):
+    """This test's copy of the prepared run, at <tmp_path>/a/runs/steps."""
     monkeypatch.setenv("LORAFLOW_ARTIFACTS", str(tmp_path / "a"))
     monkeypatch.setenv("LORAFLOW_REPORTS", str(tmp_path / "r"))
-    assert main(["step", "prepare", "--preset", "smoke", "--data", str(imdb_dir), *TINY,
-                 "--run-id", "steps"]) == 0
-    run_dir = Path(capsys.readouterr().out.split("run: ")[1].strip())
-    for step in ("download", "validate", "tokenize"):
-        assert main(["step", step, "--run-dir", str(run_dir)]) == 0, step
-    capsys.readouterr()
-    return run_dir
+    return Path(shutil.copytree(prepared_once, tmp_path / "a" / "runs" / "steps"))
 
 
 def test_steps_one_by_one_then_report_rebuild(prepared, tmp_path, capsys):

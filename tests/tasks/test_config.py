@@ -10,7 +10,7 @@ import pytest
 
 from tasks import registry
 from tasks.config import (
-    _BOUNDS,
+    BOUNDS,
     DEFAULT_PRESET,
     MAX_VARIANTS,
     PRESETS,
@@ -128,9 +128,9 @@ def test_invalid_values_are_refused_with_a_message_naming_them(overrides, messag
         preset_config("smoke", **overrides)
 
 
-@pytest.mark.parametrize("name", sorted(_BOUNDS))
+@pytest.mark.parametrize("name", sorted(BOUNDS))
 def test_every_bounded_field_refuses_values_outside_its_bounds_and_of_the_wrong_type(name):
-    kind, low, high = _BOUNDS[name]
+    kind, low, high = BOUNDS[name]
     base = preset_config("smoke", data="x")
     step = 1 if kind is int else 1e-6 * max(1.0, abs(high))
     for bad in (low - step, high + 2 * step, True, "1", None):
@@ -146,8 +146,8 @@ def test_every_field_of_the_config_is_checked():
     from tasks.config import _TUPLE_FIELDS
 
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    assert names == set(_TUPLE_FIELDS) | set(_BOUNDS) | {"preset", "model", "data", "precision",
-                                                                 "truncation"}
+    assert names == set(_TUPLE_FIELDS) | set(BOUNDS) | {"preset", "model", "data", "precision",
+                                                                "truncation"}
 
 
 def test_unequal_learning_rate_counts_break_the_same_tuning_budget():
@@ -205,3 +205,48 @@ def test_blank_form_fields_keep_the_preset_values():
     assert config_from_params({"preset": None, "epochs": 3}).preset == DEFAULT_PRESET
     with pytest.raises(ValueError, match="unknown config fields \\['rank'\\]"):
         config_from_params({"preset": "smoke", "rank": 8})
+
+
+@pytest.mark.parametrize("text, kind, expected", [
+    ("5e-4, 2e-3", float, (5e-4, 2e-3)),
+    ("5e-4\n2e-3\n", float, (5e-4, 2e-3)),
+    (" 0.001 ;.002 ", float, (1e-3, 2e-3)),
+    ("4,8, 16", int, (4, 8, 16)),
+    ("1\n2", int, (1, 2)),
+])
+def test_sweep_lists_typed_as_text_are_parsed_like_lists(text, kind, expected):
+    from tasks.config import parse_list
+
+    assert tuple(parse_list("x", text, kind)) == expected
+    field = "lora_lr" if kind is float else "ranks"
+    assert getattr(preset_config("smoke", methods=["lora"], **{field: text}), field) == expected
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lora_lr": "1e-3, fast"}, "lora_lr: 'fast' is not a number"),
+    ({"ranks": "4, 8.5"}, "ranks: '8.5' is not an integer"),
+    ({"seeds": "1, 1"}, "seeds lists a value twice"),
+    ({"ranks": "0, 4"}, r"LoRA ranks must be integers in \[1, 1024\], got \[0\]"),
+    ({"full_lr": "2"}, r"full_lr values must lie in \(0, 1\), got \[2.0\]"),
+])
+def test_typed_sweep_lists_are_checked_with_the_field_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        preset_config("smoke", methods=["lora", "full_finetune"], **overrides)
+
+
+def test_typed_text_matches_the_forms_pattern_exactly_when_it_parses():
+    """The trigger form refuses with the same rule prepare applies (no value that passes
+    the form fails to parse, none that parses is refused)."""
+    import re
+
+    from tasks.config import INTEGER_PATTERN, NUMBER_PATTERN, list_pattern, parse_list
+
+    for kind, item in ((float, NUMBER_PATTERN), (int, INTEGER_PATTERN)):
+        for text in ("1e-3", "1e-3,2e-3", "1, 2", "1\n2\n", ".5", "5.", "1e5", "x", "1,,2",
+                     "1 - 2", "-1", "1.5.2", "0x10", "2 3 ; 4", "nan", "inf", "1_000"):
+            try:
+                parse_list("f", text, kind)
+                parses = True
+            except ValueError:
+                parses = False
+            assert bool(re.match(list_pattern(item), text)) == parses, (kind, text)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import data
+from tasks import data, sources
 from tasks.paths import SPLITS, RunPaths, read_json
 from tasks.text import normalise
 
@@ -190,6 +190,7 @@ def test_sizes_larger_than_the_source_are_a_value_error_naming_the_numbers(smoke
     assert not paths.data_dir.exists() or not list(paths.data_dir.iterdir())
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_local_parquet_cached_once_and_reread_when_files_change(smoke_run, imdb_sample, tmp_path):
     config, paths = smoke_run
     folder = tmp_path / "parquet"
@@ -284,10 +285,11 @@ def test_bad_sources_raise_clear_value_errors(smoke_run, imdb_sample, tmp_path, 
 def test_canonical_stanford_url_has_the_published_checksum():
     for url in ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
                 "http://ai.stanford.edu/%7Eamaas/data/sentiment/aclImdb_v1.tar.gz"):
-        assert data.expected_sha256(url) == data.CANONICAL_SHA256
-    assert data.expected_sha256("https://mirror/a.tar.gz#sha256=" + "AB" * 32) == "ab" * 32
+        assert sources.expected_sha256(url) == sources.CANONICAL_SHA256
+    assert sources.expected_sha256("https://mirror/a.tar.gz#sha256=" + "AB" * 32) == "ab" * 32
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_path, server):
     base, www, requests = server
     expected = _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
@@ -310,6 +312,7 @@ def test_url_download_verified_extracted_and_cached(smoke_run, imdb_sample, tmp_
     assert not [name for name in leftovers if name.startswith(".download")]
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_url_checksum_mismatch_raises_and_keeps_nothing(smoke_run, imdb_sample, tmp_path, server):
     base, www, _ = server
     _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
@@ -341,6 +344,7 @@ def test_unreachable_url_raises_connection_error(smoke_run):
         data.download_dataset(config.with_overrides(data=source), paths)
 
 
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
 def test_url_tarball_with_parent_member_is_refused(smoke_run, imdb_sample, tmp_path, server):
     base, www, _ = server
     _write_aclimdb(tmp_path / "src", _two_splits(imdb_sample))
@@ -375,7 +379,7 @@ def test_safe_extract_refuses_escaping_members_before_writing(imdb_sample, tmp_p
     archive = tmp_path / "evil.tar.gz"
     _tarball(tmp_path / "src", archive, [member(out)])
     with pytest.raises(ValueError, match=f"refusing to extract evil.tar.gz: member .*{message}"):
-        data.safe_extract(archive, out)
+        sources.safe_extract(archive, out)
     assert list(out.rglob("*")) == [] and not (tmp_path / "evil.txt").exists()
 
 
@@ -384,7 +388,7 @@ def test_safe_extract_takes_only_review_files(imdb_sample, tmp_path):
     (tmp_path / "src" / "aclImdb" / "imdb.vocab").write_text("the\n")
     archive = tmp_path / "a.tar.gz"
     _tarball(tmp_path / "src", archive)
-    data.safe_extract(archive, tmp_path / "out")
+    sources.safe_extract(archive, tmp_path / "out")
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) == 4 * PER_CLASS  # 2 splits x 2 labels; imdb.vocab left out
     assert all(p.suffix == ".txt" and p.parent.name in ("pos", "neg") for p in files)

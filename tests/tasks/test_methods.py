@@ -3,6 +3,7 @@ records, predictions and artifacts, run through tasks.variants.run_variant."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -139,9 +140,11 @@ def test_seed_heuristic_scores_every_test_row_by_the_cls_sum(run):
     from tasks.models import load_classifier
 
     config, paths = run
+    config = dataclasses.replace(config, precision="fp32")
     tokenize_dataset(config, paths)
     record = _run("seed_heuristic", config, paths, device="cpu")
     assert record.status == "ok" and record.method == "seed_heuristic"
+    assert record.precision == record.hyperparameters["precision"] == "fp32"
     assert record.params_trainable == 0 and record.train_seconds is None
     assert "not a classifier" in record.notes.lower() and record.device == "cpu"
     preds = predictions(paths, "seed_heuristic")
@@ -161,12 +164,35 @@ def test_seed_heuristic_scores_every_test_row_by_the_cls_sum(run):
     assert record.params_total == sum(p.numel() for p in encoder.parameters())
 
 
+def test_seed_heuristic_runs_at_the_runs_precision_and_records_it(run):
+    """The precision setting reaches the heuristic (it used to run and record fp32 whatever
+    the setting): bf16 sums are the bf16 encoder's, and the record says bf16."""
+    from tasks.models import load_classifier
+
+    config, paths = run
+    config = dataclasses.replace(config, precision="bf16")
+    tokenize_dataset(config, paths)
+    record = _run("seed_heuristic", config, paths, device="cpu")
+    assert record.precision == record.hyperparameters["precision"] == "bf16"
+    preds, test = predictions(paths, "seed_heuristic"), load_split(paths, "test")
+    encoder = load_classifier(config.model, seed=MODEL_SEED).base_model.eval()
+    logits = np.log(preds["prob_positive"] / (1 - preds["prob_positive"]))
+    for row in (0, 99, 199):
+        ids = torch.as_tensor(np.asarray(test["input_ids"][row], dtype=np.int64))[None]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = encoder(input_ids=ids).last_hidden_state[0, 0].double().sum().item()
+        with torch.no_grad():
+            fp32 = encoder(input_ids=ids).last_hidden_state[0, 0].double().sum().item()
+        assert logits[row] == pytest.approx(bf16, rel=1e-6, abs=1e-12)
+        assert abs(logits[row] - bf16) < abs(logits[row] - fp32)  # not the fp32 sum
+
+
 def test_failed_baseline_writes_failed_record_and_reraises(run):
     config, paths = run  # not tokenized: the heuristic cannot find its token ids
     with pytest.raises(FileNotFoundError, match="tokenize"):
         run_variant(Variant("seed_heuristic"), config, paths, device="cpu")
     record = MetricsRecord.read(paths.variant_dir("seed_heuristic") / "metrics.json")
-    assert record.status == "failed" and record.error.startswith("FileNotFoundError")
+    assert record.status == "failed" and record.error.startswith("StepNotRun")  # a FileNotFoundError
     assert record.accuracy is None and record.finished_at
     assert not (paths.variant_dir("seed_heuristic") / "predictions.parquet").exists()
 

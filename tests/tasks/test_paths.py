@@ -172,3 +172,14 @@ def test_run_paths_name_three_splits(tmp_path):
     assert paths.validation_parquet == paths.split_parquet("validation")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         paths.split_parquet("dev")
+
+
+def test_the_cache_lives_under_the_artifacts_unless_loraflow_cache_names_one(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.delenv("LORAFLOW_CACHE", raising=False)
+    paths = RunPaths.for_run("r", tmp_path / "a", tmp_path / "r")
+    assert paths.cache_dir == (tmp_path / "a" / "cache").resolve()
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "shared"))
+    assert paths.cache_dir == (tmp_path / "shared").resolve()
+    other = RunPaths.for_run("r", tmp_path / "b", tmp_path / "r")  # one cache, many roots
+    assert other.cache_dir == paths.cache_dir and other.run_dir != paths.run_dir

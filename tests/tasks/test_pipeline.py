@@ -9,6 +9,7 @@ import pytest
 from tasks.config import preset_config
 from tasks.paths import read_json
 from tasks.pipeline import describe, load_run, new_run_id, prepare_run
+from tasks.steps import StepNotRun
 
 
 def test_new_run_ids_are_unique_and_readable():
@@ -44,5 +45,5 @@ def test_prepare_run_stores_the_config_and_refuses_another_one_for_the_same_id(t
 
 def test_load_run_of_an_unprepared_folder_says_so(tmp_path):
     (tmp_path / "runs" / "x").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="was the run prepared"):
+    with pytest.raises(StepNotRun, match="config.json is missing: run the prepare step first"):
         load_run(tmp_path / "runs" / "x")

@@ -53,6 +53,43 @@ def _open(page, url: str) -> dict[str, list[str]]:
 HIDDEN_COLUMNS = ("[...document.querySelectorAll('table')].filter("
                   "t => t.getBoundingClientRect().right > window.innerWidth"
                   " || t.scrollWidth > t.parentElement.clientWidth + 1).map(t => t.className)")
+# Every way a block can sit wrongly, from the elements' boxes: the page scrolls sideways; a
+# block sticks out of its card (unless a scroll box inside the card clips it); two blocks
+# of one card overlap (columns of .cols and .grid, tables, figures, paragraphs).
+LAYOUT_PROBLEMS = """() => {
+  const out = [], W = document.documentElement.clientWidth;
+  if (document.documentElement.scrollWidth > W)
+    out.push(`page is ${document.documentElement.scrollWidth} px wide in ${W}`);
+  const box = e => e.getBoundingClientRect();
+  const name = e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+    (e.className && typeof e.className === 'string' ? '.' + e.className.split(' ')[0] : '') +
+    ' "' + (e.innerText || '').trim().slice(0, 30) + '"';
+  const clipper = (e, card) => {  // the nearest ancestor that clips e sideways, or the card
+    for (let a = e.parentElement; a && a !== card; a = a.parentElement)
+      if (getComputedStyle(a).overflowX !== 'visible') return a;
+    return card;
+  };
+  for (const card of document.querySelectorAll('section.card, header.top')) {
+    const c = box(card);
+    const blocks = [...card.querySelectorAll(
+      'h1, h2, h3, p, ul, table, figure, .scroll, .cols > *, .grid > *, .kpi, .problem, details')]
+      .filter(e => clipper(e, card) === card && box(e).width > 0);
+    for (const e of blocks) {
+      const b = box(e);
+      if (b.left < c.left - 1 || b.right > c.right + 1)
+        out.push(`${name(e)} spans ${Math.round(b.left)}-${Math.round(b.right)} outside its card ` +
+                 `${Math.round(c.left)}-${Math.round(c.right)}`);
+    }
+    for (let i = 0; i < blocks.length; i++) for (let j = i + 1; j < blocks.length; j++) {
+      const [a, b] = [blocks[i], blocks[j]];
+      if (a.contains(b) || b.contains(a)) continue;
+      const [p, q] = [box(a), box(b)];
+      if (p.left < q.right - 1 && q.left < p.right - 1 && p.top < q.bottom - 1 && q.top < p.bottom - 1)
+        out.push(`${name(a)} overlaps ${name(b)}`);
+    }
+  }
+  return out;
+}"""
 TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")  # matplotlib's cycle
 
 
@@ -123,16 +160,13 @@ def test_report_opens_offline_without_errors_or_requests(tmp_path):
         shutil.copyfile(shot, SCREENSHOT_COPY)
 
 
-def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
+def test_report_of_a_real_smoke_run_opens_offline(tmp_path, smoke_all):
     """The issue's check on real output: every step of a (shrunk) smoke run, then its report."""
-    from tasks.config import preset_config
-    from tasks.pipeline import prepare_run, run_all
+    from tasks.pipeline import load_run
 
     sync_playwright = _browser_or_skip()
-    config = preset_config("smoke", data=str(imdb_dir), train_size=64, val_size=32, test_size=32,
-                           max_length=32)
-    paths = prepare_run(config, "smoke-browser", tmp_path / "artifacts", tmp_path / "reports")
-    report = run_all(config, paths)
+    config, _ = load_run(smoke_all.run_dir)
+    report = smoke_all.report
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM))
         try:
@@ -146,3 +180,32 @@ def test_report_of_a_real_smoke_run_opens_offline(tmp_path, imdb_dir):
     for variant in config.variants():
         assert variant.name in text
     assert "LoRA r=4" in text and "full fine-tuning" in text
+
+
+@pytest.mark.parametrize("width", [760, 1032, 1400])
+def test_report_reflows_without_overlap_or_sideways_scroll(tmp_path, width):
+    """At the narrowest supported width, in the Report tab's frame (1032 px in a 1400 px
+    window) and full screen: the element boxes, not only a picture. A long Airflow run id
+    and the Data and Provenance columns were where blocks ran into each other."""
+    sync_playwright = _browser_or_skip()
+    run_id = "scheduled__2026-11-29T00:00:00.123456+00:00_with_a_long_suffix_x"
+    report = build_report(make_run(tmp_path, run_id=run_id).run_dir, tmp_path / "reports")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            seen = _open(page, report.as_uri())
+            problems = page.evaluate(LAYOUT_PROBLEMS)
+            # the comparison table keeps its columns; where the card is narrower than the
+            # table, the table scrolls inside its card (not the page)
+            table = page.evaluate("""() => { const s = document.querySelector('#comparison .scroll');
+                return [s.scrollWidth, s.clientWidth, getComputedStyle(s).overflowX]; }""")
+            columns = page.locator("table.comparison thead th").count()
+            page.screenshot(path=str(tmp_path / f"report_{width}.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert seen["errors"] == []
+    assert table[2] == "auto" and columns >= 11
+    if width == 760:
+        assert table[0] > table[1]  # wider than its card at 760 px: it scrolls there

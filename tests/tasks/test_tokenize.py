@@ -20,6 +20,8 @@ from tasks.paths import PROJECT_DIR, SPLITS, read_json
 from tasks.pipeline import prepare_run
 from tests.tasks.conftest import write_run_data
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # cache hits and misses are counted here
+
 
 @pytest.fixture
 def count_encodes(monkeypatch):
@@ -113,6 +115,28 @@ def test_max_length_and_data_are_part_of_the_key(run, imdb_sample, artifacts, co
             read_json(tk.tokenize_dataset(config, changed))["key"]}
     assert len(keys) == 3 and len(count_encodes) == 9  # three builds of three splits each
     assert tk.load_split(longer, "train")["length"].max() == 64
+
+
+def test_head_tail_keeps_the_first_and_last_tokens_and_changes_the_key(run, artifacts):
+    """A review of numbered words: `head` keeps its first 30 word tokens, `head_tail` its
+    first 8 and last 22 (a quarter of the budget to the head), special tokens around both,
+    and the two are cached under different keys."""
+    config, paths = run  # max_length 32: 30 review tokens beside [CLS] and [SEP]
+    tokenizer = load_tokenizer(config.model)
+    words = [f"w{i}" for i in range(100)]
+    pieces = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    head, _ = tk.encode_texts(tokenizer, [" ".join(words)], 32, "head")
+    both, full = tk.encode_texts(tokenizer, [" ".join(words)], 32, "head_tail")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert head[0] == [cls, *pieces[:30], sep]
+    assert both[0] == [cls, *pieces[:8], *pieces[-22:], sep]
+    assert full[0] == len(pieces) + 2
+    keys = {t: read_json(tk.tokenize_dataset(config.with_overrides(truncation=t), paths))["key"]
+            for t in ("head", "head_tail")}
+    assert keys["head"] != keys["head_tail"]
+    cached = tk.load_split(paths, "train")  # tokens.json now points at the head_tail cache
+    assert read_json(paths.tokens_json)["truncation_settings"]["tail_tokens"] == 22
+    assert cached["length"].max() == 32
 
 
 @pytest.mark.parametrize("damage", ["delete_meta", "truncate_parquet", "garble_meta"])

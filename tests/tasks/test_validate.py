@@ -10,6 +10,7 @@ import pytest
 from tasks import data
 from tasks.config import preset_config
 from tasks.paths import read_json
+from tasks.steps import StepNotRun
 from tasks.validate import DataValidationError, validate_dataset
 
 
@@ -183,5 +184,5 @@ def test_missing_text_column_is_reported_not_crashed(smoke_run, imdb_sample):
 
 def test_missing_subset_files_ask_for_the_download_step(smoke_run):
     config, paths = smoke_run
-    with pytest.raises(ValueError, match="run download_dataset before validate_dataset"):
+    with pytest.raises(StepNotRun, match="is missing: run the download step first"):
         validate_dataset(config, paths)

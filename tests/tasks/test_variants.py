@@ -9,10 +9,11 @@ import json
 import pytest
 
 from tasks.cli import main
+from tasks.job import NotApplicable
 from tasks.methods import majority, seed_heuristic
 from tasks.metrics import MetricsRecord
 from tasks.registry import Variant
-from tasks.variants import NotApplicable, run_variant
+from tasks.variants import run_variant
 
 REASON = "the encoder has random weights: nothing to read off it"
 
@@ -58,6 +59,7 @@ def _cli_run(tmp_path, imdb_dir, run_id: str) -> int:
                  "--artifacts", str(tmp_path / "a"), "--reports", str(tmp_path / "r")])
 
 
+@pytest.mark.slow  # a whole run in this process
 def test_a_not_applicable_method_keeps_the_runs_exit_code_zero(tmp_path, imdb_dir, monkeypatch,
                                                               capsys):
     monkeypatch.setattr(seed_heuristic, "predict", _not_applicable)
@@ -74,6 +76,7 @@ def test_a_not_applicable_method_keeps_the_runs_exit_code_zero(tmp_path, imdb_di
     assert summary["counts"] == {"ok": 1, "not_applicable": 1}
 
 
+@pytest.mark.slow  # a whole run in this process
 def test_a_failed_method_makes_the_run_exit_non_zero_and_names_it(tmp_path, imdb_dir,
                                                                   monkeypatch, capsys):
     monkeypatch.setattr(majority, "predict", _broken)
@@ -83,3 +86,44 @@ def test_a_failed_method_makes_the_run_exit_non_zero_and_names_it(tmp_path, imdb
     results = tmp_path / "a" / "runs" / "failed-run" / "results"
     assert json.loads((results / "seed_heuristic" / "metrics.json").read_text())["status"] == "ok"
     assert (tmp_path / "r" / "failed-run" / "report.html").exists()
+
+
+def test_the_precision_setting_is_resolved_once_and_carried_in_the_job(run, monkeypatch):
+    """`auto` is decided once per variant, where its device is known; the method gets the
+    answer in its Job and the record says what was used."""
+    import torch
+
+    from tasks import evaluate
+
+    config, paths = run
+    jobs, resolved = [], []
+    real = evaluate.resolve_precision
+
+    def capture(job):
+        jobs.append(job)
+        raise NotApplicable("captured")
+
+    monkeypatch.setattr(evaluate, "resolve_precision",
+                        lambda setting, device: resolved.append((setting, device)) or
+                        real(setting, device))
+    monkeypatch.setattr(seed_heuristic, "predict", capture)
+    monkeypatch.setattr(majority, "predict", capture)
+    run_variant(Variant("seed_heuristic"), config, paths, device="cpu")
+    run_variant(Variant("majority"), config, paths)
+    assert config.precision == "auto" and resolved == [("auto", "cpu")]  # majority: no encoder
+    encoder_job, numpy_job = jobs
+    assert encoder_job.precision == real("auto", "cpu")
+    assert encoder_job.dtype == {"fp32": None, "bf16": torch.bfloat16}[encoder_job.precision]
+    assert (numpy_job.precision, numpy_job.dtype) == ("fp32", None)
+    record = MetricsRecord.read(paths.variant_dir("seed_heuristic") / "metrics.json")
+    assert record.precision == encoder_job.precision
+    assert MetricsRecord.read(paths.variant_dir("majority") / "metrics.json").precision is None
+
+
+def test_a_job_refuses_an_unresolved_precision(run):
+    from tasks.job import Job
+
+    config, paths = run
+    record = MetricsRecord.start(Variant("majority"), config.model, config.preset)
+    with pytest.raises(ValueError, match="resolved precision.*'auto'"):
+        Job(Variant("majority"), config, paths, record, "cpu", "auto")

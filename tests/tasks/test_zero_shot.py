@@ -12,6 +12,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
 import tasks.methods.zero_shot as zs
+from tasks.job import NotApplicable
 from tasks.methods.zero_shot import (
     CLOZE_ALTERNATIVES,
     EMBEDDING_ALTERNATIVES,
@@ -28,7 +29,7 @@ from tasks.models import load_tokenizer
 from tasks.registry import Variant
 from tasks.report.compute import aggregate
 from tasks.tokenize import tokenize_dataset
-from tasks.variants import NotApplicable, run_variant
+from tasks.variants import run_variant
 
 
 def tiny_mlm(kind: str) -> torch.nn.Module:
