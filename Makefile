@@ -24,23 +24,28 @@ GPU_WORKERS ?=
 .PHONY: setup test test-fast run ui cluster cluster-stop mlflow bench lint clean
 
 setup:  ## (re)install everything, even when it looks up to date
-	$(MAKE) --always-make $(SETUP_DONE)
+	$(MAKE) --always-make $(SETUP_DONE) $(MLFLOW_DONE)
 
 # .venv: CPU torch where no CUDA GPU is present, then the project and dev tools; Chromium
-# for the browser tests; the Airflow home; the MLflow server's own .venv-mlflow (for
-# `make mlflow` and the tracking test).
-$(SETUP_DONE): pyproject.toml constraints.txt scripts/mlflow_server.constraints.txt
+# for the browser tests; the Airflow home.
+$(SETUP_DONE): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0 -c constraints.txt; fi
 	$(PIP) install -q -e '.[dev,celery]' -c constraints.txt
 	bash scripts/install_chromium.sh
 	bash scripts/airflow_init.sh
+	touch $@
+
+# The MLflow server's own .venv-mlflow (`make mlflow` and the tracking tests): only the
+# targets that need it install it, so `make run` on a fresh clone does not wait for it.
+MLFLOW_DONE := .venv-mlflow/.setup-done
+$(MLFLOW_DONE): scripts/mlflow_server.constraints.txt scripts/mlflow_server.sh
 	bash scripts/mlflow_server.sh install
 	touch $@
 
 # Both print their 25 slowest tests: the suite's time budget, visible.
-test: $(SETUP_DONE)  ## the whole suite, slow tests included (what CI runs)
+test: $(SETUP_DONE) $(MLFLOW_DONE)  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q --durations=25
 
 test-fast: $(SETUP_DONE)  ## skip the slow, browser, scheduler and cluster tests
@@ -58,7 +63,7 @@ cluster: $(SETUP_DONE)  ## CeleryExecutor on this machine (PostgreSQL, Redis, de
 cluster-stop:  ## stop every process `make cluster` started
 	$(PY) scripts/loraflow_cluster.py stop
 
-mlflow:  ## MLflow tracking server on http://127.0.0.1:$(MLFLOW_PORT) (SQLite, artifacts in mlflow_home/); runs tracked when MLFLOW_TRACKING_URI points at it
+mlflow: $(MLFLOW_DONE)  ## MLflow tracking server on http://127.0.0.1:$(MLFLOW_PORT) (SQLite, artifacts in mlflow_home/); runs tracked when MLFLOW_TRACKING_URI points at it
 	bash scripts/mlflow_server.sh serve $(MLFLOW_PORT)
 
 bench: $(SETUP_DONE)
