@@ -8,6 +8,7 @@ registry labels; it keeps no per-method list, so there is nothing in it to check
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,7 +69,8 @@ def test_the_dag_routes_encoder_methods_to_the_gpu_plan_and_the_others_to_the_cp
     """The prepare task's own code, with every method asked for in the run conf."""
     prepare = dag.get_task("prepare").python_callable
     context = {"params": {"preset": "smoke", "data": str(imdb_dir), "methods": NAMES},
-               "run_id": "manual__2026-11-29T05:00:00+00:00"}
+               "run_id": "manual__2026-11-29T05:00:00+00:00",
+               "ti": SimpleNamespace(try_number=1)}
     monkeypatch.setitem(prepare.__globals__, "get_current_context", lambda: context)
     plan = prepare()
     config = preset_config("smoke", data=str(imdb_dir), methods=NAMES)
