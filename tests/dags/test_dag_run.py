@@ -51,10 +51,10 @@ def smoke_run_with_a_broken_variant(dag, airflow_db, imdb_dir, tmp_path_factory)
     root = tmp_path_factory.mktemp("dag-test")
     real_train = tasks.train.train_variant
 
-    def train_variant(job, module):
+    def train_variant(job, module, **kwargs):
         if job.variant.name == BROKEN:
             raise ValueError(f"{BROKEN}: its training broke on purpose")
-        return real_train(job, module)
+        return real_train(job, module, **kwargs)
 
     conf = {"preset": "smoke", "data": str(imdb_dir), **SMALL, "ranks": [2, 4]}
     with pytest.MonkeyPatch.context() as patch:
