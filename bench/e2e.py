@@ -49,15 +49,20 @@ def e2e_config(data: str, quick: bool) -> ExperimentConfig:
 
 def subsets(config: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, validation) rows exactly as tasks.data.download_dataset draws them from a
-    local folder's train.parquet: one permutation, train first, validation after it."""
-    from tasks.data import shuffled
+    local folder: texts normalised, deduplicated across the source, one permutation of the
+    training pool, train first, validation after it."""
+    from tasks.data import shuffled, unique_pools
+    from tasks.text import normalise
 
-    full = pd.read_parquet(Path(config.data) / "train.parquet", columns=["text", "label"])
-    order = shuffled(len(full), config.data_seed)
+    full = {s: pd.read_parquet(Path(config.data) / f"{s}.parquet", columns=["text", "label"])
+            for s in ("train", "test")}
+    texts = {s: f["text"].map(normalise) for s, f in full.items()}
+    pools, _ = unique_pools(texts)
+    order = pools["train"][shuffled(len(pools["train"]), config.data_seed)]
+    train = full["train"].assign(text=texts["train"])
     end = config.train_size + config.val_size
-    train = full.iloc[order[:config.train_size]].reset_index(drop=True)
-    validation = full.iloc[order[config.train_size:end]].reset_index(drop=True)
-    return train, validation
+    return (train.iloc[order[:config.train_size]].reset_index(drop=True),
+            train.iloc[order[config.train_size:end]].reset_index(drop=True))
 
 
 def _row(name: str, start: float, accuracy: float, steps: int, train_seconds: float,
