@@ -280,13 +280,18 @@ def _claim_sentence(claim: dict[str, Any], family: int) -> str:
         return f"{c.row['method_label']} ({fmt_acc(c.row['accuracy'])})"
 
     if not claim["significant"]:
-        return f"{name(high)} is within test noise of {name(low)} ({stat})."
-    text = f"{name(high)} beat {name(low)} on test ({stat})"
+        return _capital(f"{name(high)} is within test noise of {name(low)} ({stat}).")
+    text = _capital(f"{name(high)} beat {name(low)} on test ({stat})")
     more, less = high.row["input_share_read"], low.row["input_share_read"]
     if more is not None and less is not None and more > less + 1e-9:
         text += (f", with more of each review to read: {high.row['input']} against "
                  f"{low.row['input']}")
     return text + "."
+
+
+def _capital(sentence: str) -> str:
+    """`full fine-tuning ...` -> `Full fine-tuning ...`; `LoRA`, `TF-IDF` stay as they are."""
+    return sentence[:1].upper() + sentence[1:]
 
 
 def floor_interval(run: StoredRun, c: Configuration) -> list[float] | None:

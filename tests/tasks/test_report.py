@@ -113,7 +113,7 @@ def test_headline_is_computed_from_the_stored_numbers(full_run):
     assert claim["p_value"] == pytest.approx(scipy_stats.binomtest(8, 20, 0.5).pvalue)
     assert claim["p_holm"] == pytest.approx(holm([c["p_value"] for c in head["claims"]])[0])
     assert head["sentences"][:2] == [expected, (
-        "full fine-tuning (85.0%) is within test noise of LoRA (83.0%) (McNemar's test, "
+        "Full fine-tuning (85.0%) is within test noise of LoRA (83.0%) (McNemar's test, "
         f"Holm-adjusted {fmt_p(claim['p_holm'])} over 3 comparisons).")]
     # TF-IDF (80.0%) against each: within test noise goes in the headline, a clear win of
     # the trained method in the bullets beneath it
