@@ -68,7 +68,7 @@ def test_smoke_sweep_succeeds_and_gpu_tasks_never_overlap(airflow, imdb_dir):
     states = {(t["task_id"], t["map_index"]): t["state"] for t in tis}
     assert state == "success", states
     single = {"prepare", "plan_cpu_variants", "plan_gpu_variants", "download_dataset",
-              "validate_dataset", "tokenize", "report"}
+              "validate_dataset", "tokenize", "report", "check_regression"}
     assert {t for t, s in states.items() if s == "success"} == (
         {(t, -1) for t in single} | {("cpu_variants", 0)}
         | {("gpu_variants", i) for i in range(len(gpu_names))})
