@@ -30,7 +30,7 @@ def test_presets_match_the_design_table():
         16, (16,), 16.0, (5e-4,), (5e-5,), ("qkvo",), 100, 0.01, (42,))
     paper = preset_config("paper")
     assert (paper.train_size, paper.val_size, paper.test_size, paper.max_length,
-            paper.epochs) == (22500, 2500, 25000, 512, 3)  # train + validation: all of train
+            paper.epochs) == (22402, 2500, 24676, 512, 3)  # every distinct review
     cpu = preset_config("cpu")
     assert (cpu.model, cpu.train_size, cpu.test_size, cpu.max_length) == ("embedded-minilm", 2000,
                                                                            1000, 128)

@@ -53,9 +53,9 @@ def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, mon
 
 @pytest.mark.parametrize("preset", ["seed", "paper"])
 def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, preset):
-    """The seed notebook's 5,000 / 1,000 and the whole of both splits (22,500 train and
-    2,500 validation reviews, 25,000 test; IMDB holds 96 + 199 duplicated texts and 123
-    texts in both splits)."""
+    """The seed notebook's 5,000 / 1,000 and every distinct review of both splits (22,402
+    train and 2,500 validation reviews, 24,676 test; IMDB holds 98 + 201 duplicated
+    normalised texts and 123 test texts also in train, removed before drawing)."""
     from tasks.pipeline import prepare_run
 
     # methods that need no model: the hub's DistilBERT is out of reach here
@@ -72,10 +72,12 @@ def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, pr
         frames = {s: pd.read_parquet(paths.split_parquet(s)) for s in ("train", "validation",
                                                                        "test")}
         whole = pd.concat([frames["train"], frames["validation"]])
-        assert len(whole) == 25_000 and whole["text"].duplicated().sum() == 96
+        # deduplicated before drawing: every distinct review, none twice, none shared
+        assert len(whole) == 24_902 and whole["text"].duplicated().sum() == 0
         stats = summary["statistics"]
-        assert stats["test"]["duplicate_texts"] == 199
-        assert stats["test"]["texts_in_other_split"] == 123
+        assert len(frames["test"]) == 24_676 and stats["test"]["duplicate_texts"] == 0
+        assert stats["test"]["texts_in_other_split"] == 0
+        assert summary["deduplication"]["test"]["also_in_an_earlier_split"] == 123
         for split in ("train", "validation"):
             assert stats[split]["duplicate_texts"] == frames[split]["text"].duplicated().sum()
 
