@@ -226,7 +226,7 @@ def test_sweep_lists_typed_as_text_are_parsed_like_lists(text, kind, expected):
     ({"lora_lr": "1e-3, fast"}, "lora_lr: 'fast' is not a number"),
     ({"ranks": "4, 8.5"}, "ranks: '8.5' is not an integer"),
     ({"seeds": "1, 1"}, "seeds lists a value twice"),
-    ({"ranks": "0, 4"}, r"LoRA ranks must be integers in \[1, 1024\], got \[0\]"),
+    ({"ranks": "0, 4"}, r"LoRA ranks must be integers in \[1, 1,024\], got \[0\]"),
     ({"full_lr": "2"}, r"full_lr values must lie in \(0, 1\), got \[2.0\]"),
 ])
 def test_typed_sweep_lists_are_checked_with_the_field_named(overrides, message):

@@ -68,8 +68,12 @@ def test_a_variants_metrics_json_records_where_it_ran(run, monkeypatch):
 
     config, paths = run
     tokenize_dataset(config, paths)
+    from tasks.evaluate import resolve_precision
+
+    # the notebook heuristic runs at the run's precision, resolved once for the variant
     for name, precision, weights in (("majority", "n/a (no encoder)", None),
-                                     ("seed_heuristic", "fp32", "random init")):
+                                     ("seed_heuristic", resolve_precision(config.precision, "cpu"),
+                                      "random init")):
         record = MetricsRecord.read(run_variant(Variant(name), config, paths, device="cpu"))
         p = record.provenance
         assert record.status == "ok" and p["precision"] == precision, name

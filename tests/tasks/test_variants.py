@@ -104,8 +104,8 @@ def test_the_precision_setting_is_resolved_once_and_carried_in_the_job(run, monk
         raise NotApplicable("captured")
 
     monkeypatch.setattr(evaluate, "resolve_precision",
-                        lambda setting, device: resolved.append((setting, device)) or
-                        real(setting, device))
+                        lambda setting, device, tokens=None: resolved.append((setting, device))
+                        or real(setting, device, tokens))
     monkeypatch.setattr(seed_heuristic, "predict", capture)
     monkeypatch.setattr(majority, "predict", capture)
     run_variant(Variant("seed_heuristic"), config, paths, device="cpu")
