@@ -46,8 +46,11 @@ def resolve_file(root: Path, path: str) -> Path | None:
     if not parts or any(part.startswith((".", "/")) or "\0" in part for part in parts):
         return None
     root = root.resolve()
-    target = root.joinpath(*parts).resolve()  # follows symlinks
-    return target if target.is_relative_to(root) and target.is_file() else None
+    try:
+        target = root.joinpath(*parts).resolve()  # follows symlinks
+        return target if target.is_relative_to(root) and target.is_file() else None
+    except OSError:  # a name too long for the filesystem, a loop of links: no such file
+        return None
 
 
 def run_folder(root: Path, run_id: str) -> str | None:

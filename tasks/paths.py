@@ -21,7 +21,7 @@ from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation", "test")  # the run's three disjoint subsets
-_RUN_ID_OK = re.compile(r"^[A-Za-z0-9._+:-]+$")
+_RUN_ID_OK = re.compile(r"[A-Za-z0-9._+:-]+")  # fullmatch: `$` would let "x\n" pass
 _SLUG_KEEPS = re.compile(r"[A-Za-z0-9_-]|(?<!^)\.")  # a leading '.' would hide the folder
 
 
@@ -44,7 +44,7 @@ def cache_root(artifacts: Path | str) -> Path:
 def safe_run_id(run_id: str) -> str:
     """Airflow run ids contain ':' and '+' (manual__2026-11-29T05:00:00+00:00); keep them
     readable but refuse path separators so a run id can never escape the runs folder."""
-    if not run_id or not _RUN_ID_OK.match(run_id) or run_id in {".", ".."}:
+    if not run_id or not _RUN_ID_OK.fullmatch(run_id) or run_id in {".", ".."}:
         raise ValueError(f"run id {run_id!r} may hold only letters, digits and . _ + : -")
     return run_id
 

@@ -84,6 +84,8 @@ def test_report_url_is_a_path_the_plugin_serves(client):
     "older+run/%2e%2e/%2e%2e/secret.txt",
     "older+run/.report.html.x.tmp",       # hidden: a half-written file
     "%00",
+    "a" * 5000,                            # File name too long: was a 500 with a traceback
+    "x/" + "b" * 300 + "/report.html",
 ])
 def test_no_path_leaves_the_reports_root(client, path):
     response = client.get(f"/loraflow/reports/{path}")

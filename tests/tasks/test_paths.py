@@ -138,7 +138,8 @@ def test_read_json_names_a_damaged_file(tmp_path):
         read_json(bad)
 
 
-@pytest.mark.parametrize("bad", ["../escape", "a/b", "", "..", "."])
+# "x\n": a trailing newline once passed (re.match with `$`) and named a folder with it
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "", "..", ".", "run\n", "run\nx"])
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path, bad):
     with pytest.raises(ValueError, match="run id"):
         RunPaths.for_run(bad, tmp_path, tmp_path)
