@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
+import hashlib
 import json
 import os
 import platform
@@ -13,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +265,22 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_leftovers(target: Path | str) -> list[Path]:
+    """Remove what killed writers of `target` left beside it: atomic_dir's and atomic_path's
+    temporaries (`.<name>.*.tmp`) and a replaced folder not yet deleted (`.<name>.old.*`).
+    Call it only while no other writer of `target` can be alive, i.e. holding its lock (a
+    flock dies with its holder). Returns what was removed."""
+    target = Path(target)
+    name = glob.escape(target.name)
+    removed = sorted({*target.parent.glob(f".{name}.*.tmp"), *target.parent.glob(f".{name}.old.*")})
+    for leftover in removed:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return removed
+
+
 def write_text(target: Path | str, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -280,3 +298,30 @@ def read_json(path: Path | str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
+
+
+# --- checksums ----------------------------------------------------------------------------
+# A cache records the SHA-256 of each file it writes and checks them on every hit: a file
+# damaged on disk (flipped bytes, a truncated copy, an edit) is a miss, never wrong data.
+
+def sha256_file(path: Path | str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksums(folder: Path | str, names: Iterable[str]) -> dict[str, str]:
+    """{file name: its SHA-256} for the named files in `folder`."""
+    return {name: sha256_file(Path(folder) / name) for name in names}
+
+
+def damaged_files(folder: Path | str, expected: dict[str, str]) -> list[str]:
+    """The names in `expected` ({file name: SHA-256}) whose file in `folder` is missing or
+    has another SHA-256."""
+    damaged = []
+    for name, digest in expected.items():
+        try:
+            if sha256_file(Path(folder) / name) != digest:
+                damaged.append(name)
+        except FileNotFoundError:
+            damaged.append(name)
+    return damaged

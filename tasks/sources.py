@@ -3,21 +3,35 @@ archive safely, read its files, and cache its two normalised full splits.
 
 Three kinds of source (`config.data`):
 - `hub`: `stanfordnlp/imdb` through `datasets`;
-- an http(s) URL of the original `aclImdb_v1.tar.gz` (Maas et al., ACL 2011): streamed with a
+- an https URL of the original `aclImdb_v1.tar.gz` (Maas et al., ACL 2011): streamed with a
   progress bar, SHA-256 verified, extracted safely;
 - a local folder holding `train.parquet` + `test.parquet`, or an extracted `aclImdb/`.
 
-The normalised full splits are cached once under `<artifacts>/cache/datasets/<key>/`, so a
-second run neither downloads nor extracts. Used by the download step (tasks.data: the run's
-subsets), validation (tasks.validate: the whole source) and preflight (tasks.preflight).
+The source comes from the trigger form, so it may reach only what the deployment allows:
+- a local folder must lie under one of `$LORAFLOW_DATA_ROOTS` (folders separated by
+  `os.pathsep`; default: the folder holding `$LORAFLOW_DATA` and the project's `data/`),
+  symlinks resolved first;
+- a URL must be https and every address its host resolves to public (checked when
+  connecting, on every redirect too), fetched without proxies. `LORAFLOW_PRIVATE_URLS=1`
+  allows http, private and loopback addresses and the environment's proxies (tests, an
+  air-gapped mirror).
+
+The normalised full splits are cached once under `<artifacts>/cache/datasets/<key>/` with
+their SHA-256 in `source.json`, so a second run neither downloads nor extracts, and a
+damaged cached file is rebuilt. Used by the download step (tasks.data: the run's subsets),
+validation (tasks.validate: the whole source) and preflight (tasks.preflight).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import ipaddress
 import json
 import logging
+import os
 import re
+import socket
 import tarfile
 import tempfile
 import urllib.error
@@ -28,7 +42,16 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from tasks.paths import atomic_dir, atomic_path, write_json
+from tasks.paths import (
+    PROJECT_DIR,
+    atomic_dir,
+    atomic_path,
+    checksums,
+    damaged_files,
+    read_json,
+    remove_leftovers,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +69,7 @@ CANONICAL_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d16
 _REVIEW_FILE = re.compile(r"^(\d+)_(\d+)\.txt$")  # aclImdb file names: <id>_<rating>.txt
 _WANTED_MEMBER = re.compile(r"^(?:\./)?aclImdb/(?:train|test)/(?:pos|neg)/[^/]+\.txt$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SPLIT_FILES = [f"{s}.parquet" for s in SOURCE_SPLITS]
 
 
 # --- the full splits, cached ---------------------------------------------------------------
@@ -57,17 +81,20 @@ def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
 
     kind, resolved = parse_source(source)
     folder = source_folder(source, cache_dir)
-    key = folder.name
+    frames = read_cached(folder)  # a verified hit takes no lock: a read-only cache serves
+    if frames is not None:
+        return frames
     folder.parent.mkdir(parents=True, exist_ok=True)
     # One process fetches; a concurrent run with the same source waits, then reads.
-    with FileLock(str(folder.parent / f"{key}.lock")):
-        if all((folder / f"{s}.parquet").exists() for s in SOURCE_SPLITS):
-            log.info("data cache hit: %s", folder)
-            return {s: pd.read_parquet(folder / f"{s}.parquet") for s in SOURCE_SPLITS}
+    with FileLock(str(folder.parent / f"{folder.name}.lock")):
+        remove_leftovers(folder)  # of a killed builder: no other builder of key is alive
+        frames = read_cached(folder, warn=False)  # damage was logged above
+        if frames is not None:
+            return frames
         if kind == "hub":
             frames = _load_hub()
         elif kind == "url":
-            frames = _load_url(resolved, folder.parent)
+            frames = _load_url(resolved, folder)
         else:
             frames = _load_local(Path(resolved))
         frames = {s: normalise(frames[s], f"{source} [{s}]") for s in SOURCE_SPLITS}
@@ -75,16 +102,35 @@ def load_full_splits(source: str, cache_dir: Path) -> dict[str, pd.DataFrame]:
             for s in SOURCE_SPLITS:
                 frames[s].to_parquet(tmp / f"{s}.parquet", index=False)
             write_json(
-                tmp / "source.json",
+                tmp / "source.json",  # last: with the checksums that make a hit
                 {
                     "source": source,
                     "kind": kind,
                     "rows": {s: len(frames[s]) for s in SOURCE_SPLITS},
+                    "sha256": checksums(tmp, _SPLIT_FILES),
                     "created_at": datetime.now(UTC).isoformat(),
                 },
             )
     log.info("data cached: %s", folder)
     return frames
+
+
+def read_cached(folder: Path, *, warn: bool = True) -> dict[str, pd.DataFrame] | None:
+    """The cached full splits in `folder` if every file matches its SHA-256 in
+    source.json, else None (nothing cached, an older cache without checksums, or a file
+    damaged on disk: logged when `warn`)."""
+    try:
+        expected = read_json(folder / "source.json")["sha256"]
+        damaged = damaged_files(folder, {name: expected[name] for name in _SPLIT_FILES})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if damaged:
+        if warn:
+            log.warning("data cache %s: the SHA-256 of %s differs from its source.json "
+                        "(damaged on disk); rebuilding it", folder, ", ".join(damaged))
+        return None
+    log.info("data cache hit: %s", folder)
+    return {s: pd.read_parquet(folder / f"{s}.parquet") for s in SOURCE_SPLITS}
 
 
 def source_folder(source: str, cache_dir: Path) -> Path:
@@ -136,23 +182,34 @@ class UnreadableData(ValueError):
 
 
 def parse_source(source: str) -> tuple[str, str]:
-    """("hub" | "url" | "local", the source with a local path made absolute)."""
+    """("hub" | "url" | "local", the source with a local path made absolute). A URL must be
+    allowed (`check_url`), a folder must lie under the data roots (`data_roots`)."""
     if source == "hub":
         return "hub", source
     scheme = _SCHEME.match(source)
     if scheme:
         if scheme.group(1).lower() not in ("http", "https"):
             raise ValueError(
-                f"unknown data source {source!r}: expected 'hub', an http(s):// URL "
+                f"unknown data source {source!r}: expected 'hub', an https:// URL "
                 "of aclImdb_v1.tar.gz, or a local folder"
             )
+        check_url(source)
         expected_sha256(source)  # fail before any network traffic when no checksum is known
         return "url", source
-    folder = Path(source).expanduser().resolve()
+    folder = Path(source).expanduser().resolve()  # symlinks resolved: a link cannot lead out
+    roots = data_roots()
+    if not any(folder.is_relative_to(root) for root in roots):
+        # Nothing about the folder itself (not even whether it exists) leaves this message.
+        shown = f"{source!r}" + (f" (resolved to {folder})" if str(folder) != source else "")
+        raise ValueError(
+            f"data folder {shown} is outside the allowed data folders "
+            f"{[str(r) for r in roots]}; set LORAFLOW_DATA_ROOTS (folders separated by "
+            f"{os.pathsep!r}) to allow another"
+        )
     if not folder.exists():
         raise ValueError(
             f"data folder {source!r} does not exist (resolved to {folder}); "
-            "expected 'hub', an http(s):// URL, or a folder with "
+            "expected 'hub', an https:// URL, or a folder with "
             "train/test.parquet or aclImdb/"
         )
     if not folder.is_dir():
@@ -161,6 +218,20 @@ def parse_source(source: str) -> tuple[str, str]:
             "train.parquet and test.parquet, or an extracted aclImdb/"
         )
     return "local", str(folder)
+
+
+def data_roots() -> list[Path]:
+    """The folders a local source must lie under: `$LORAFLOW_DATA_ROOTS` (folders separated
+    by os.pathsep); unset or empty, the folder holding `$LORAFLOW_DATA` (when that is a
+    local folder) and the project's `data/`. Resolved, so symlinks compare as targets."""
+    setting = os.environ.get("LORAFLOW_DATA_ROOTS", "")
+    roots = [Path(entry) for entry in setting.split(os.pathsep) if entry.strip()]
+    if not roots:
+        default = os.environ.get("LORAFLOW_DATA", "")
+        if default and default != "hub" and not _SCHEME.match(default):
+            roots.append(Path(default).expanduser().resolve().parent)
+        roots.append(PROJECT_DIR / "data")
+    return [root.expanduser().resolve() for root in roots]
 
 
 def source_rows(kind: str, resolved: str) -> dict[str, int] | None:
@@ -236,11 +307,10 @@ def _load_local(folder: Path) -> dict[str, pd.DataFrame]:
             )
         return {s: read_parquet(p) for s, p in parquet.items()}
     root = _aclimdb_root(folder)
-    if root is None:
-        found = sorted(p.name for p in folder.iterdir())[:10]
+    if root is None:  # what the folder does hold stays out of the message (and the task log)
         raise ValueError(
             f"data folder {folder} holds neither train.parquet + test.parquet nor "
-            f"aclImdb/{{train,test}}/{{pos,neg}}/; found {found}"
+            "aclImdb/{train,test}/{pos,neg}/"
         )
     return read_aclimdb(root)
 
@@ -284,9 +354,12 @@ def read_aclimdb(root: Path) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def _load_url(url: str, workdir: Path) -> dict[str, pd.DataFrame]:
+def _load_url(url: str, folder: Path) -> dict[str, pd.DataFrame]:
+    """The archive at `url`, downloaded and extracted beside the cache `folder` under a
+    temporary name of its own (so the next builder removes what a killed one left)."""
     expected = expected_sha256(url)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.download-", suffix=".tmp",
+                                     dir=folder.parent) as tmp:
         archive = Path(tmp) / "aclImdb_v1.tar.gz"
         fetch(url, archive, expected)
         target = Path(tmp) / "extracted"
@@ -318,15 +391,17 @@ def expected_sha256(url: str) -> str:
 
 def fetch(url: str, target: Path, sha256: str) -> Path:
     """Stream `url` (fragment dropped) into `target` with a progress bar; keep it only if
-    its SHA-256 equals `sha256`."""
+    its SHA-256 equals `sha256`. The URL, every redirect and every address connected to
+    are checked first (`check_url`, `connect_public`)."""
     from tqdm.auto import tqdm
 
     from tasks.environment import progress_disabled
 
+    check_url(url)
     plain = urllib.parse.urlsplit(url)._replace(fragment="").geturl()
     request = urllib.request.Request(plain, headers={"User-Agent": "loraflow"})
     try:
-        response = urllib.request.urlopen(request, timeout=60)  # follows redirects
+        response = _opener().open(request, timeout=60)
     except urllib.error.HTTPError as err:
         raise ValueError(
             f"download of {plain} failed: HTTP {err.code} {err.reason}; expected a 2xx response"
@@ -360,6 +435,91 @@ def fetch(url: str, target: Path, sha256: str) -> Path:
                 f"expected {sha256}; the download was deleted"
             )
     return target
+
+
+# --- which URLs a download may reach ----------------------------------------------------------
+# The URL comes from the trigger form: without a check, `http://127.0.0.1:<port>/...` or a
+# name resolving to 10.x would make the worker call services that only it can reach.
+
+_OPT_IN = "set LORAFLOW_PRIVATE_URLS=1 to allow http and private addresses (tests, a mirror)"
+
+
+def private_urls_allowed() -> bool:
+    return os.environ.get("LORAFLOW_PRIVATE_URLS", "").strip().lower() in ("1", "true", "yes")
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL that is not https, or whose host is an address that is not public (a
+    host name is resolved and checked when connecting), unless private URLs are allowed."""
+    if private_urls_allowed():
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != "https":
+        raise ValueError(f"data URL {url!r} is not https; {_OPT_IN}")
+    if not parts.hostname:
+        raise ValueError(f"data URL {url!r} names no host")
+    try:
+        address = ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        return  # a host name
+    if not address.is_global:
+        raise ValueError(f"data URL {url!r}: {address} is not a public address; {_OPT_IN}")
+
+
+def connect_public(address: tuple[str, int], timeout: float | None = None,
+                   source_address: tuple[str, int] | None = None) -> socket.socket:
+    """socket.create_connection that resolves the host once, refuses it unless every address
+    is public, then connects to those addresses (no second lookup that could answer
+    otherwise). Raises ValueError before any connection."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    private = [a for a in addresses if not ipaddress.ip_address(a).is_global]
+    if private:
+        raise ValueError(f"refusing to connect to {host}: it resolves to {', '.join(private)}, "
+                         f"not a public address; {_OPT_IN}")
+    error: OSError | None = None
+    for ip in addresses:
+        try:
+            return socket.create_connection((ip, port), timeout, source_address)
+        except OSError as err:
+            error = err
+    raise error or OSError(f"{host} resolves to no address")
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection):
+    """TLS still verifies the certificate against the host name; only the TCP connection
+    goes through `connect_public`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = connect_public
+
+
+class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_PublicHTTPSConnection, req, context=self._context)
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is followed only to a URL `check_url` allows; its connection is checked
+    like the first one's."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        try:
+            check_url(newurl)
+        except ValueError as err:
+            fp.close()
+            raise ValueError(f"{req.full_url} redirects elsewhere: {err}") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    if private_urls_allowed():
+        return urllib.request.build_opener()  # urllib's own: http, any address, env proxies
+    # No proxies: through one, the address finally connected to could not be checked.
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHTTPSHandler(),
+                                       _CheckedRedirects())
 
 
 def safe_extract(archive: Path, target: Path) -> None:

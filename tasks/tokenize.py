@@ -8,10 +8,13 @@ with the same key never calls the tokenizer (the seed notebook tokenized inside 
 training and evaluation step, which cost more than some of its steps).
 
 Cache folder: one `<split>.parquet` per subset (`input_ids` list<int32>, `length`, `label`,
-rows in the order of `data/<split>.parquet`) and `meta.json`, written last: a folder is a
-cache hit only if its `meta.json` is complete and matches the parquet files. Concurrent
-builders of one key serialise on `<key>.lock`; the builder writes into a temporary folder
-renamed into place (`tasks.paths.atomic_dir`), and a waiter finds the finished cache.
+rows in the order of `data/<split>.parquet`) and `meta.json`, written last, with the SHA-256
+of each parquet file: a folder is a cache hit only if its `meta.json` is complete and every
+file matches its checksum (a damaged file is rebuilt, with a warning naming it), and
+`load_split` checks the file it reads, and its labels against the run's data, again. A hit
+takes no lock, so a read-only cache serves; builders of one key serialise on `<key>.lock`,
+remove what a killed builder left, write into a temporary folder renamed into place
+(`tasks.paths.atomic_dir`), and a waiter finds the finished cache.
 """
 
 from __future__ import annotations
@@ -33,16 +36,27 @@ from tqdm.auto import tqdm
 from tasks.config import ExperimentConfig
 from tasks.environment import progress_disabled
 from tasks.metrics import now_iso
-from tasks.paths import SPLITS, RunPaths, atomic_dir, read_json, write_json
+from tasks.paths import (
+    SPLITS,
+    RunPaths,
+    atomic_dir,
+    checksums,
+    damaged_files,
+    read_json,
+    remove_leftovers,
+    sha256_file,
+    write_json,
+)
 from tasks.steps import StepNotRun
 from tasks.text import cut, head_tokens
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when the stored layout changes: old caches then miss
+CACHE_FORMAT = 4  # bump when the stored layout changes: old caches then miss
 BATCH_SIZE = 2048  # texts per tokenizer call: Rust parallelism inside, bounded memory
 HISTOGRAM_BINS = 30
 LOCK_TIMEOUT_S = 3600.0  # a builder holding the lock longer than this is presumed stuck
+SPLIT_FILES = [f"{split}.parquet" for split in SPLITS]  # meta.json's "sha256" has one each
 
 
 def tokenized_root(paths: RunPaths) -> Path:
@@ -145,19 +159,34 @@ def _write_split(path: Path, ids: list[list[int]], labels: np.ndarray) -> None:
 
 # --- the cache folder -------------------------------------------------------------------------
 
-def read_valid_meta(folder: Path, key: str) -> dict[str, Any] | None:
-    """The folder's meta.json if the folder is a complete cache for `key`, else None
-    (missing or unreadable meta, other key, missing parquet, wrong row count)."""
+def read_meta(folder: Path, key: str) -> dict[str, Any] | None:
+    """The folder's meta.json if it describes a cache for `key` in this format, else None
+    (missing or unreadable meta, another key or format). The files are not checked here."""
     try:
         meta = read_json(folder / "meta.json")
-        if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
-            return None
-        for split in SPLITS:
-            if pq.read_metadata(folder / f"{split}.parquet").num_rows != meta["rows"][split]:
-                return None
-        return meta
-    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+    except (OSError, ValueError):
         return None
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
+        return None
+    return meta
+
+
+def read_valid_meta(folder: Path, key: str, *, warn: bool = True) -> dict[str, Any] | None:
+    """The folder's meta.json if the folder is a complete, undamaged cache for `key`, else
+    None. A file whose SHA-256 differs from meta.json's is logged (when `warn`)."""
+    meta = read_meta(folder, key)
+    if meta is None:
+        return None
+    try:
+        damaged = damaged_files(folder, {name: meta["sha256"][name] for name in SPLIT_FILES})
+    except (OSError, KeyError, TypeError):
+        return None
+    if damaged:
+        if warn:
+            log.warning("tokenization cache %s: the SHA-256 of %s differs from its meta.json "
+                        "(damaged on disk); rebuilding it", folder, ", ".join(damaged))
+        return None
+    return meta
 
 
 def _build(folder: Path, frames: dict[str, pd.DataFrame], tokenizer: Any, key: str,
@@ -173,6 +202,7 @@ def _build(folder: Path, frames: dict[str, pd.DataFrame], tokenizer: Any, key: s
             stats[split] = length_stats(full, max_length)
         meta = {"key": key, "format": CACHE_FORMAT, **material,
                 "rows": {s: len(frames[s]) for s in SPLITS}, "stats": stats,
+                "sha256": checksums(tmp, SPLIT_FILES),
                 "build_seconds": round(time.perf_counter() - started, 3), "created_at": now_iso()}
         write_json(tmp / "meta.json", meta)  # last: its presence marks a complete folder
     log.info("tokenized %s in %.1f s into %s", {s: len(frames[s]) for s in SPLITS},
@@ -202,12 +232,14 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
                     material["truncation"])
     root = tokenized_root(paths)
     folder = root / key
-    meta = read_valid_meta(folder, key)
+    meta = read_valid_meta(folder, key)  # a verified hit takes no lock: a read-only cache serves
     hit = meta is not None
     if meta is None:
         root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / f"{key}.lock"), timeout=LOCK_TIMEOUT_S):
-            meta = read_valid_meta(folder, key)  # another process may have built it meanwhile
+            remove_leftovers(folder)  # of a killed builder: no other builder of key is alive
+            # another process may have built it meanwhile (damage was logged above)
+            meta = read_valid_meta(folder, key, warn=False)
             hit = meta is not None
             if meta is None:
                 meta = _build(folder, frames, tokenizer, key, material, config.max_length)
@@ -224,7 +256,9 @@ def tokenize_dataset(config: ExperimentConfig, paths: RunPaths) -> Path:
 
 def load_split(paths: RunPaths, split: str) -> pd.DataFrame:
     """Tokenized `split` of the run: columns `input_ids` (int32 array, unpadded, with
-    special tokens), `length`, `label` (int64), rows in the order of data/<split>.parquet."""
+    special tokens), `length`, `label` (int64), rows in the order of data/<split>.parquet.
+    The file is checked against its SHA-256 and its labels against the run's data first:
+    a damaged cache is a clear error here, not an index error deep in training."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not paths.tokens_json.exists():
@@ -233,13 +267,32 @@ def load_split(paths: RunPaths, split: str) -> pd.DataFrame:
     folder = Path(tokens["cache_dir"])
     if not folder.exists():  # the artifacts root was moved or mounted elsewhere
         folder = tokenized_root(paths) / tokens["key"]
-    if read_valid_meta(folder, tokens["key"]) is None:
+    meta = read_meta(folder, tokens["key"])
+    if meta is None:
         raise StepNotRun(f"tokenization cache {folder}", "tokenize", again=True,
                          state="is missing or incomplete")
-    frame = pd.read_parquet(folder / f"{split}.parquet", columns=["input_ids", "length", "label"])
-    data = paths.split_parquet(split)
-    if data.exists() and pq.read_metadata(data).num_rows != len(frame):
-        raise ValueError(f"{data} has {pq.read_metadata(data).num_rows} rows but its tokens "
-                         f"have {len(frame)}: the data changed, run the tokenize step again")
+    file = folder / f"{split}.parquet"
+    if not file.exists():
+        raise StepNotRun(file, "tokenize", again=True)
+    if sha256_file(file) != meta["sha256"][file.name]:
+        raise ValueError(f"{file} differs from the SHA-256 in {folder / 'meta.json'}: the "
+                         "tokenization cache was damaged on disk; run the tokenize step again "
+                         "(it rebuilds the damaged cache)")
+    frame = pd.read_parquet(file, columns=["input_ids", "length", "label"])
+    _check_labels(frame, file, paths.split_parquet(split))
     frame["length"] = frame["length"].astype(np.int64)
     return frame
+
+
+def _check_labels(tokens: pd.DataFrame, file: Path, data: Path) -> None:
+    """The tokens' labels are the run's labels, row for row."""
+    if not data.exists():
+        raise StepNotRun(data, "download")
+    labels = pd.read_parquet(data, columns=["label"])["label"].to_numpy()
+    if len(labels) != len(tokens):
+        raise ValueError(f"{data} has {len(labels)} rows but its tokens ({file}) have "
+                         f"{len(tokens)}: the data changed, run the tokenize step again")
+    differ = int((labels != tokens["label"].to_numpy()).sum())
+    if differ:
+        raise ValueError(f"{differ} of {len(labels)} labels in {file} differ from {data}: the "
+                         "data changed after tokenizing, run the tokenize step again")

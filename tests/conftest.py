@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ IMDB_DIR = Path(os.environ.get("LORAFLOW_DATA", Path(__file__).resolve().parents
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("LORAFLOW_DATA", str(IMDB_DIR))  # the presets' data, as under `make test`
+# Local sources must lie under these (tasks.sources.data_roots): the IMDB copy's folder and
+# the temporary folder, where tests write their own sources (tmp_path).
+os.environ.setdefault("LORAFLOW_DATA_ROOTS",
+                      os.pathsep.join([str(IMDB_DIR.parent), tempfile.gettempdir()]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # One intra-op thread (before torch is imported, so subprocesses inherit it too): the test

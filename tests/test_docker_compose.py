@@ -312,6 +312,18 @@ def test_workers_see_shared_artifacts_and_reports_at_the_paths_tasks_use(service
         assert sources.pop().startswith(settings()["LORAFLOW_STORAGE"] + "/"), variable
 
 
+def test_the_mounted_data_is_the_only_local_source_the_trigger_form_may_name(services,
+                                                                              monkeypatch):
+    from tasks.sources import data_roots
+
+    for name, service in airflow_services(services).items():
+        env = environment(service)
+        monkeypatch.setenv("LORAFLOW_DATA_ROOTS", env["LORAFLOW_DATA_ROOTS"])
+        assert [str(root) for root in data_roots()] == [env["LORAFLOW_DATA"]], name
+        assert mounts(service)[env["LORAFLOW_DATA"]] == settings()["LORAFLOW_DATA_DIR"], name
+        assert "LORAFLOW_PRIVATE_URLS" not in env, name  # https to public addresses only
+
+
 def test_gpu_locks_are_host_local_and_where_tasks_gpu_looks(services, monkeypatch):
     from tasks.gpu import lock_dir
 

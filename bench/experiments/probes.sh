@@ -11,6 +11,8 @@ export LORAFLOW_DATA="${LORAFLOW_DATA:-$(cd .. && pwd)/shared/data/imdb}"
 TMP="$(mktemp -d)"
 trap 'kill "${first:-0}" 2>/dev/null; rm -rf "$TMP"' EXIT
 export LORAFLOW_ARTIFACTS="$TMP/artifacts" LORAFLOW_REPORTS="$TMP/reports"
+# Local sources must lie under these (tasks/sources.py): the IMDB copy's folder and $TMP.
+export LORAFLOW_DATA_ROOTS="$(dirname "$LORAFLOW_DATA"):$TMP"
 SMOKE=(--preset smoke --train-size 64 --val-size 32 --test-size 32 --max-length 32)
 
 echo "| probe | command | exit | what it said |"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
+import re
 import socket
 import tarfile
 import threading
+import urllib.request
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +20,7 @@ import pandas as pd
 import pytest
 
 from tasks import data, sources
-from tasks.paths import SPLITS, RunPaths, read_json
+from tasks.paths import PROJECT_DIR, SPLITS, RunPaths, read_json, sha256_file
 from tasks.text import normalise
 
 PER_CLASS = 12  # reviews per split and label in the test tarball
@@ -53,8 +57,15 @@ def _tarball(folder: Path, target: Path, extra: list[tarfile.TarInfo] = ()) -> s
 
 
 @pytest.fixture
-def server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (base URL, request log)."""
+def private_urls(monkeypatch):
+    """http and loopback URLs allowed, as for an air-gapped mirror."""
+    monkeypatch.setenv("LORAFLOW_PRIVATE_URLS", "1")
+
+
+@pytest.fixture
+def server(tmp_path, private_urls):
+    """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (base URL, request log).
+    Private URLs are allowed while it runs."""
     root = tmp_path / "www"
     root.mkdir()
     requests: list[str] = []
@@ -280,6 +291,47 @@ def test_bad_sources_raise_clear_value_errors(smoke_run, imdb_sample, tmp_path, 
     assert not paths.train_parquet.exists()
 
 
+def test_a_folder_outside_the_data_roots_is_refused_without_a_word_about_its_contents(
+        smoke_run, imdb_sample, tmp_path, monkeypatch):
+    """`data: /root` passed and the download error listed the folder's entries."""
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    allowed.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "id_rsa").write_text("secret")
+    monkeypatch.setenv("LORAFLOW_DATA_ROOTS", str(allowed))
+    (allowed / "link").symlink_to(elsewhere)  # resolved before the check: no way out
+    config, paths = smoke_run
+    for source in (elsewhere, allowed / "link", allowed / ".." / "elsewhere"):
+        with pytest.raises(ValueError, match=re.escape(f"is outside the allowed data folders "
+                                                       f"['{allowed}']; set LORAFLOW_DATA_ROOTS")
+                           ) as refused:
+            data.download_dataset(config.with_overrides(data=str(source)), paths)
+        assert "id_rsa" not in str(refused.value)
+    (allowed / "unusable").mkdir()  # inside the roots, but no data: still nothing listed
+    (allowed / "unusable" / "id_rsa").write_text("secret")
+    with pytest.raises(ValueError, match="holds neither train.parquet") as refused:
+        data.download_dataset(config.with_overrides(data=str(allowed / "unusable")), paths)
+    assert "id_rsa" not in str(refused.value)
+    for split in ("train", "test"):
+        imdb_sample[split].head(40).to_parquet(elsewhere / f"{split}.parquet")
+    monkeypatch.setenv("LORAFLOW_DATA_ROOTS", os.pathsep.join([str(tmp_path / "other"),
+                                                               str(elsewhere)]))
+    data.download_dataset(config.with_overrides(data=str(allowed / "link"), train_size=30,
+                                                val_size=5, test_size=40), paths)
+    assert len(_frames(paths)["test"]) == 40
+
+
+def test_default_data_roots_are_the_folder_holding_loraflow_data_and_the_projects_data(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("LORAFLOW_DATA_ROOTS")
+    monkeypatch.setenv("LORAFLOW_DATA", str(tmp_path / "datasets" / "imdb"))
+    assert sources.data_roots() == [tmp_path / "datasets", PROJECT_DIR / "data"]
+    monkeypatch.setenv("LORAFLOW_DATA", "hub")
+    assert sources.data_roots() == [PROJECT_DIR / "data"]
+    with pytest.raises(ValueError, match="outside the allowed data folders"):
+        sources.parse_source(str(tmp_path))
+
+
 # --- the URL source --------------------------------------------------------------------------
 
 def test_canonical_stanford_url_has_the_published_checksum():
@@ -334,7 +386,7 @@ def test_url_http_error_raises_value_error(smoke_run, server):
             config.with_overrides(data=f"{base}/missing.tar.gz#sha256={'0' * 64}"), paths)
 
 
-def test_unreachable_url_raises_connection_error(smoke_run):
+def test_unreachable_url_raises_connection_error(smoke_run, private_urls):
     with socket.socket() as sock:  # a port that nothing listens on once closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -356,6 +408,66 @@ def test_url_tarball_with_parent_member_is_refused(smoke_run, imdb_sample, tmp_p
             config.with_overrides(data=f"{base}/aclImdb_v1.tar.gz#sha256={digest}"), paths)
     assert not list(paths.artifacts.rglob("evil.txt"))
     assert not list(paths.artifacts.rglob("*_*.txt"))  # nothing extracted anywhere
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Names resolve as listed here; every attempt to connect is recorded and fails."""
+    monkeypatch.delenv("LORAFLOW_PRIVATE_URLS", raising=False)
+    names = {"mirror.example": ["93.184.216.34", "10.0.0.7"], "localhost": ["127.0.0.1"],
+             "public.example": ["93.184.216.34"]}
+    connections: list = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in names[host]]
+
+    def create_connection(address, *args, **kwargs):
+        connections.append(address)
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    return connections
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://example.org/aclImdb_v1.tar.gz", "is not https; set LORAFLOW_PRIVATE_URLS=1"),
+    ("https://127.0.0.1:8443/a.tar.gz", "127.0.0.1 is not a public address"),
+    ("https://[::1]/a.tar.gz", "::1 is not a public address"),
+    ("https://10.1.2.3/a.tar.gz", "10.1.2.3 is not a public address"),
+    ("https://localhost/a.tar.gz", "localhost: it resolves to 127.0.0.1, not a public"),
+    ("https://mirror.example/a.tar.gz", "mirror.example: it resolves to 10.0.0.7, not a public"),
+], ids=["http", "loopback", "loopback-v6", "private", "name-of-loopback", "one-private-address"])
+def test_urls_over_http_or_to_private_addresses_are_refused_before_connecting(
+        smoke_run, tmp_path, no_network, url, message):
+    """`data: http://127.0.0.1:PORT/...#sha256=...` made the worker fetch a loopback URL."""
+    config, paths = smoke_run
+    source = f"{url}#sha256={'0' * 64}"
+    with pytest.raises(ValueError, match=message):
+        data.download_dataset(config.with_overrides(data=source), paths)
+    with pytest.raises(ValueError, match=message):  # fetch checks too, past parse_source
+        sources.fetch(source, tmp_path / "a.tar.gz", "0" * 64)
+    assert no_network == [] and not (tmp_path / "a.tar.gz").exists()
+
+
+def test_a_public_https_url_is_connected_to_at_the_checked_address(tmp_path, no_network):
+    with pytest.raises(ConnectionError, match="could not reach https://public.example/a.tar.gz"):
+        sources.fetch(f"https://public.example/a.tar.gz#sha256={'0' * 64}", tmp_path / "a",
+                      "0" * 64)
+    assert no_network == [("93.184.216.34", 443)]  # the vetted address, not a second lookup
+
+
+def test_a_redirect_is_followed_only_to_an_allowed_url(no_network):
+    redirects = next(h for h in sources._opener().handlers
+                     if isinstance(h, urllib.request.HTTPRedirectHandler))
+    request = urllib.request.Request("https://public.example/a.tar.gz")
+    for target, message in (("http://public.example/a.tar.gz", "is not https"),
+                            ("https://10.0.0.1/a.tar.gz", "10.0.0.1 is not a public address")):
+        with pytest.raises(ValueError, match=f"redirects elsewhere: .*{message}"):
+            redirects.redirect_request(request, io.BytesIO(), 302, "Found", {}, target)
+    followed = redirects.redirect_request(request, io.BytesIO(), 302, "Found", {},
+                                          "https://public.example/b.tar.gz")
+    assert followed.full_url == "https://public.example/b.tar.gz"
 
 
 def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
@@ -392,3 +504,93 @@ def test_safe_extract_takes_only_review_files(imdb_sample, tmp_path):
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) == 4 * PER_CLASS  # 2 splits x 2 labels; imdb.vocab left out
     assert all(p.suffix == ".txt" and p.parent.name in ("pos", "neg") for p in files)
+
+
+# --- the source cache: checksums, read-only hits, leftovers -----------------------------------
+
+def _parquet_source(folder: Path, sample: dict[str, pd.DataFrame], rows: int = 40) -> Path:
+    folder.mkdir()
+    for split in ("train", "test"):
+        sample[split].head(rows).to_parquet(folder / f"{split}.parquet")
+    return folder
+
+
+def _cached_folder(paths: RunPaths) -> Path:
+    (folder,) = [p for p in (paths.cache_dir / "datasets").iterdir()
+                 if p.is_dir() and not p.name.startswith(".")]
+    return folder
+
+
+@pytest.mark.usefixtures("private_cache")  # damages the cache
+@pytest.mark.parametrize("damage", ["truncated", "labels_altered"])
+def test_a_damaged_cached_split_is_rebuilt_not_read(smoke_run, imdb_sample, tmp_path, damage,
+                                                    caplog):
+    """A truncated cached parquet was never healed; one with other labels was read as is."""
+    config, paths = smoke_run
+    source = _parquet_source(tmp_path / "src", imdb_sample)
+    config = config.with_overrides(data=str(source), train_size=30, val_size=5, test_size=40)
+    data.download_dataset(config, paths)
+    cached = _cached_folder(paths) / "train.parquet"
+    if damage == "truncated":
+        cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    else:  # a valid file with the same rows
+        frame = pd.read_parquet(cached)
+        frame.assign(label=1 - frame["label"]).to_parquet(cached, index=False)
+    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
+        data.download_dataset(config, paths)
+    assert "the SHA-256 of train.parquet differs from its source.json" in caplog.text
+    truth = pd.read_parquet(source / "train.parquet")["label"].to_numpy()
+    for split in ("train", "validation"):
+        frame = _frames(paths)[split]
+        np.testing.assert_array_equal(frame["label"].to_numpy(), truth[frame["source_index"]])
+    assert sha256_file(cached) == read_json(cached.parent / "source.json")["sha256"]["train.parquet"]
+
+
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
+def test_a_cache_hit_takes_no_lock_so_a_read_only_cache_serves(smoke_run, imdb_sample, tmp_path,
+                                                                monkeypatch):
+    """Taking the lock first made a hit fail on a read-only cache (tests run as root, where
+    chmod cannot make a folder read-only: FileLock raising stands for it)."""
+    import filelock
+
+    config, paths = smoke_run
+    config = config.with_overrides(data=str(_parquet_source(tmp_path / "src", imdb_sample)),
+                                   train_size=30, val_size=5, test_size=40)
+    data.download_dataset(config, paths)
+    first = _frames(paths)
+    for lock in (paths.cache_dir / "datasets").glob("*.lock"):
+        lock.unlink()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("[Errno 30] Read-only file system")
+
+    monkeypatch.setattr(filelock, "FileLock", read_only)
+    other = RunPaths.for_run("second-run", paths.artifacts, paths.reports)
+    data.download_dataset(config, other)
+    for split, frame in _frames(other).items():
+        pd.testing.assert_frame_equal(frame, first[split])
+    assert not list((paths.cache_dir / "datasets").glob("*.lock"))
+
+
+@pytest.mark.usefixtures("private_cache")  # looks into the cache
+def test_a_killed_builders_temporaries_are_removed_by_the_next_builder(smoke_run, imdb_sample,
+                                                                       tmp_path):
+    """`.<key>.*.tmp` folders of a SIGKILLed builder stayed for ever."""
+    config, paths = smoke_run
+    config = config.with_overrides(data=str(_parquet_source(tmp_path / "src", imdb_sample)),
+                                   train_size=30, val_size=5, test_size=40)
+    data.download_dataset(config, paths)
+    folder = _cached_folder(paths)
+    (folder / "source.json").unlink()  # the next download builds again
+    root = folder.parent
+    leftovers = [root / f".{folder.name}.k1ll3d.tmp", root / f".{folder.name}.download-x.tmp",
+                 root / f".{folder.name}.old.123.abcd1234"]
+    for leftover in leftovers:
+        (leftover / "aclImdb").mkdir(parents=True)
+        (leftover / "aclImdb" / "train.parquet").write_bytes(b"half")
+    (root / f".{folder.name}.train.parquet.x.tmp").write_bytes(b"half")  # an atomic_path file
+    another_key = root / ".0123456789abcdef.k1ll3d.tmp"  # its builder may be alive: kept
+    another_key.mkdir()
+    data.download_dataset(config, paths)
+    assert not [p for p in leftovers if p.exists()]
+    assert {p.name for p in root.iterdir() if p.name.startswith(".")} == {another_key.name}

@@ -14,8 +14,12 @@ from tasks.pipeline import prepare_run
     ({"targets": ["classifier"]}, "target 'classifier' matched no linear module"),
     ({"ranks": [1024]}, r"rank\(s\) \[1024\] exceed the smaller side \(64\)"),
     ({"model": "no/such-model"}, "model 'no/such-model' not found"),
-    ({"data": "/no/such/folder"}, "data folder '/no/such/folder' does not exist"),
+    ({"data": "/no/such/folder"}, "data folder '/no/such/folder' is outside the allowed"),
+    ({"data": "/root"}, r"data folder '/root' is outside the allowed data folders \[.*\]; set "
+                        "LORAFLOW_DATA_ROOTS"),
     ({"data": "ftp://example.org/aclImdb_v1.tar.gz"}, "unknown data source"),
+    ({"data": f"http://127.0.0.1:8000/a.tar.gz#sha256={'0' * 64}"}, "is not https"),
+    ({"data": f"https://10.0.0.1/a.tar.gz#sha256={'0' * 64}"}, "10.0.0.1 is not a public"),
     ({"data": "https://example.org/imdb.tar.gz"}, "no checksum known"),
     ({"train_size": 24_990}, r"train_size \+ val_size = 25,054 but the train split"),
     ({"test_size": 25_001}, "test_size = 25,001 but the test split"),

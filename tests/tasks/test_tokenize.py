@@ -3,6 +3,7 @@ row order, and two processes racing on one key."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -152,6 +153,102 @@ def test_incomplete_cache_is_never_a_hit(run, count_encodes, damage):
     tokens = read_json(tk.tokenize_dataset(config, paths))
     assert tokens["cache_hit"] is False and len(count_encodes) == 6  # two builds, three splits
     assert len(tk.load_split(paths, "test")) == 200
+
+
+def _damage(file: Path, damage: str) -> None:
+    """Damage a cached split as a disk or a hand might; the footer stays intact."""
+    if damage == "flipped_bytes":  # inside the column data, before the footer
+        raw = bytearray(file.read_bytes())
+        footer = int.from_bytes(raw[-8:-4], "little") + 8
+        middle = (len(raw) - footer) // 2
+        raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+        file.write_bytes(bytes(raw))
+        return
+    frame = pd.read_parquet(file)  # a valid file with the same rows
+    if damage == "labels_altered":
+        frame["label"] = 1 - frame["label"]
+    else:  # token ids past the vocabulary: an IndexError in the embedding, deep in training
+        frame["input_ids"] = frame["input_ids"].map(lambda ids: ids + 10**6)
+    frame.to_parquet(file, index=False)
+
+
+DAMAGES = ["flipped_bytes", "labels_altered", "ids_out_of_vocabulary"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cached_split_is_rebuilt_with_a_warning_naming_it(run, imdb_sample,
+                                                                    count_encodes, damage, caplog):
+    """The footer alone was checked: flipped bytes or other labels were a cache hit."""
+    config, paths = run
+    folder = Path(read_json(tk.tokenize_dataset(config, paths))["cache_dir"])
+    _damage(folder / "test.parquet", damage)
+    with caplog.at_level(logging.WARNING, logger="tasks.tokenize"):
+        tokens = read_json(tk.tokenize_dataset(config, paths))
+    assert tokens["cache_hit"] is False and len(count_encodes) == 6  # two builds, three splits
+    assert f"tokenization cache {folder}: the SHA-256 of test.parquet differs" in caplog.text
+    frame = tk.load_split(paths, "test")
+    np.testing.assert_array_equal(frame["label"], imdb_sample["test"]["label"])
+    assert frame["input_ids"].map(max).max() < load_tokenizer(config.model).vocab_size
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_load_split_refuses_a_damaged_split_naming_it(run, damage):
+    """Training failed later with `IndexError: index out of range in self`, or trained on
+    wrong labels without a word."""
+    config, paths = run
+    folder = Path(read_json(tk.tokenize_dataset(config, paths))["cache_dir"])
+    _damage(folder / "test.parquet", damage)
+    with pytest.raises(ValueError, match=f"{folder / 'test.parquet'} differs from the SHA-256 "
+                                         ".* run the tokenize step again"):
+        tk.load_split(paths, "test")
+    assert len(tk.load_split(paths, "train")) == 400  # the undamaged splits still load
+
+
+def test_load_split_refuses_tokens_whose_labels_are_not_the_runs(run, imdb_sample):
+    config, paths = run
+    tk.tokenize_dataset(config, paths)
+    changed = imdb_sample["validation"].assign(label=1 - imdb_sample["validation"]["label"])
+    changed.to_parquet(paths.validation_parquet, index=False)  # same rows, other labels
+    with pytest.raises(ValueError, match=r"100 of 100 labels in .*validation.parquet differ from "
+                                         r".*data/validation.parquet: .*tokenize step again"):
+        tk.load_split(paths, "validation")
+
+
+def test_a_cache_hit_takes_no_lock_so_a_read_only_cache_serves(run, imdb_sample, artifacts,
+                                                               monkeypatch):
+    """Tests run as root, where chmod cannot make a folder read-only: FileLock raising
+    stands for a read-only cache."""
+    config, paths = run
+    first = read_json(tk.tokenize_dataset(config, paths))
+    root = tk.tokenized_root(paths)
+    for lock in root.glob("*.lock"):
+        lock.unlink()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("[Errno 30] Read-only file system")
+
+    monkeypatch.setattr(tk, "FileLock", read_only)
+    other = prepare_run(config, "second-run", artifacts, artifacts.parent / "reports")
+    write_run_data(other, imdb_sample)
+    second = read_json(tk.tokenize_dataset(config, other))
+    assert second["cache_hit"] is True and second["key"] == first["key"]
+    assert len(tk.load_split(other, "test")) == 200 and not list(root.glob("*.lock"))
+
+
+def test_a_killed_builders_temporaries_are_removed_by_the_next_builder(run, count_encodes):
+    """`.<key>.*.tmp` folders of a SIGKILLed builder stayed for ever."""
+    config, paths = run
+    folder = Path(read_json(tk.tokenize_dataset(config, paths))["cache_dir"])
+    (folder / "meta.json").unlink()  # the next call builds again
+    leftovers = [folder.with_name(f".{folder.name}.k1ll3d.tmp"),
+                 folder.with_name(f".{folder.name}.old.123.abcd1234")]
+    for leftover in leftovers:
+        leftover.mkdir()
+        (leftover / "train.parquet").write_bytes(b"half")
+    another_key = folder.with_name(f".{'0' * 64}.k1ll3d.tmp")  # its builder may be alive: kept
+    another_key.mkdir()
+    assert read_json(tk.tokenize_dataset(config, paths))["cache_hit"] is False
+    assert not [p for p in leftovers if p.exists()] and another_key.is_dir()
 
 
 RACER = textwrap.dedent("""
