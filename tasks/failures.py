@@ -49,9 +49,10 @@ def read(run_id: str, reports: Path | str | None = None) -> dict[str, Any] | Non
 
 
 def sentence(failure: dict[str, Any]) -> str:
-    """`The run stopped in prepare (try 1): <error>`."""
-    return (f"The run stopped in {failure['step']} (try {failure.get('attempt', 1)}): "
-            f"{failure.get('error', 'no error recorded')}")
+    """`The run stopped in prepare (try 1): <error>`, without a closing period (the caller
+    adds one; the error's own would double it)."""
+    error = str(failure.get("error") or "no error recorded").rstrip().rstrip(".")
+    return f"The run stopped in {failure['step']} (try {failure.get('attempt', 1)}): {error}"
 
 
 def what_failed(run_id: str, run_dir: str | None) -> str:
@@ -62,7 +63,11 @@ def what_failed(run_id: str, run_dir: str | None) -> str:
         no_report = (" There is no report: the run folder was never made."
                      if failure["step"] == "prepare" else
                      " The report lists the variants as not run.")
-        return f"{sentence(failure)}. No variant ran.{no_report}"
+        stopped = sentence(failure)
+        # after an error of several lines (prepare's list of problems) on a line of its own,
+        # not glued to the last problem
+        after = "\n" if "\n" in stopped else " "
+        return f"{stopped}.{after}No variant ran.{no_report}"
     if run_dir is None:
         return ("prepare failed (its log says why): no variant ran and there is no report.")
     failed = []
