@@ -59,8 +59,12 @@ Without a GPU they run on the CPU.
 
 **Failures.** Download, tokenization, variants and the report retry twice with
 exponential back-off, except on bad input (ValueError), which fails at once; a training
-retry resumes from its last epoch checkpoint. The report is built whatever happened to
-the variants and lists the failed ones; `check_variants` then marks the run failed.
+retry resumes from its last epoch checkpoint. Clearing a running variant or marking it
+failed stops it within a training step (SIGTERM), recorded as failed. A complete variant
+(ok or not applicable, with its files) is not run again when its task is cleared: its log
+says so; delete `results/<variant>/` first, or rerun it with `loraflow run --force`. The
+report is built whatever happened to the variants and lists the failed ones;
+`check_variants` then marks the run failed.
 """
 
 from __future__ import annotations
@@ -385,7 +389,10 @@ def documented(fn):
 
 def _run_variant(run_dir: str, variant: dict[str, Any]) -> str:
     """Body of the mapped variant tasks: one variant, on a leased GPU if it needs one. The
-    record notes Airflow's try number, so a cleared and re-run variant shows as such."""
+    record notes Airflow's try number, so a cleared and re-run variant shows as such. Not
+    forced: clearing a complete variant's task keeps its result (a clear of the whole run
+    after a success would otherwise retrain everything, and a failure then would replace
+    good results); its log says how to run it again."""
     from tasks.pipeline import load_run
     from tasks.registry import Variant
     from tasks.variants import run_variant
@@ -489,7 +496,8 @@ def lora_imdb_experiment():
         and where it ran: commit, versions, device, host, precision) and
         `predictions.parquet`, plus the method's model. A method that cannot run on this
         model is recorded as not applicable. Retry: twice with back-off; the variant's
-        files are rewritten whole. Bad input fails at once."""
+        files are rewritten whole. Bad input fails at once. Cleared when complete: not run
+        again (the log says how to force it)."""
         return _run_variant(run_dir, variant)
 
     @task(**ON_GPU, map_index_template=VARIANT_NAME)
@@ -503,7 +511,9 @@ def lora_imdb_experiment():
         and where it ran: commit, torch/CUDA/transformers, GPU or CPU model, host,
         precision, the weights' hash), `predictions.parquet` and the trained model
         (LoRA: a PEFT `adapter/`). Retry: twice with back-off; training resumes from its
-        last checksummed epoch checkpoint. Bad input fails at once."""
+        last checksummed epoch checkpoint. Bad input fails at once. Cleared or marked
+        failed while running: it stops within a step (SIGTERM) and is recorded as failed;
+        cleared when complete: not run again (the log says how to force it)."""
         return _run_variant(run_dir, variant)
 
     # all_done: the report also shows failed variants (and says so when none succeeded).

@@ -2,12 +2,18 @@
 
     loraflow run --preset smoke --data ../shared/data/imdb
     loraflow run --preset cpu --methods lora full_finetune --lora-lr 1e-3,2e-3 --full-lr 3e-5,5e-5
+    loraflow run --run-id my-run            # again: runs only what is not complete yet
+    loraflow run --run-id my-run --force    # runs every variant again
     loraflow step prepare --preset cpu --run-id my-run
     loraflow step tokenize --run-dir artifacts/runs/my-run
     loraflow step baseline majority --run-dir artifacts/runs/my-run
     loraflow step train --run-dir artifacts/runs/my-run --method lora --rank 8 --targets qv
     loraflow report artifacts/runs/my-run
     loraflow presets
+
+SIGTERM or Ctrl-C stops a run within a training step and records the variant it stopped
+as failed; a full or read-only disk stops it with one line naming the path. Either way the
+completed variants are kept, and the same command with the same --run-id goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +37,11 @@ from tasks.config import (
     parse_list,
     preset_config,
 )
+from tasks.failures import storage_error
 from tasks.paths import InUse, exclusive
 from tasks.registry import Variant
 from tasks.steps import DATA_STEPS, data_step
+from tasks.stop import Interrupted, stop_at_once
 
 BASELINES = [m.name for m in registry.METHODS.values() if not m.trained]
 TRAINED = [m.name for m in registry.METHODS.values() if m.trained]
@@ -88,6 +97,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=f.name, **kwargs)
 
 
+FORCE_HELP = ("run complete variants again too (by default a variant whose metrics.json says "
+              "ok or not applicable, with its predictions and model, is kept and skipped); a "
+              "rerun that fails keeps the earlier result, its failure goes to "
+              "results/<variant>/failed-attempt.json")
+
+
 def _add_run_location(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", help="artifacts root (default $LORAFLOW_ARTIFACTS or ./artifacts)")
     p.add_argument("--reports", help="reports folder (default $LORAFLOW_REPORTS or ./reports)")
@@ -108,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the whole chain in-process, then the report")
     _add_config_options(run)
     _add_run_location(run)
+    run.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     step = sub.add_parser("step", help="one step of a run").add_subparsers(dest="step",
                                                                          required=True)
@@ -125,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--targets", help="one target set, e.g. qv or q_lin,v_lin")
     train.add_argument("--lr", type=float)
     train.add_argument("--seed", type=int)
+    for p in (baseline, train):
+        p.add_argument("--force", action="store_true", help=FORCE_HELP)
     for name, p in step.choices.items():
         if name != "prepare":
             p.add_argument("--run-dir", required=True, help="a folder made by `step prepare`")
@@ -154,23 +172,43 @@ def _run(args) -> int:
     from tasks.pipeline import new_run_id, prepare_run, run_all
 
     config = _config_from_args(args)
-    paths = prepare_run(config, args.run_id or new_run_id(), args.artifacts, args.reports)
+    args.run_id = args.run_id or new_run_id()  # known from here on: a stop message names it
+    paths = prepare_run(config, args.run_id, args.artifacts, args.reports)
+    started = time.time()
     with exclusive(paths.run_dir / ".lock", f"run {paths.run_id}"):
-        report = run_all(config, paths)
-    failed = _failed_variants(paths.results_dir)
+        kept = [] if args.force else _complete_variants(config, paths)
+        report = run_all(config, paths, force=args.force)
+    failed = _failed_variants(paths.results_dir, started)
     if failed:
         print(f"warning: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)",
               file=sys.stderr)
+    if kept:
+        print(f"kept: {len(kept)} variant(s) complete from before, not run again (--force runs "
+              "them again)")
     print(f"run: {paths.run_dir}")
     print(f"report: {report}")
     return 1 if failed else 0
 
 
-def _failed_variants(results: Path) -> list[str]:
+def _complete_variants(config: ExperimentConfig, paths) -> list[str]:
+    from tasks.variants import complete
+
+    return [v.name for v in config.variants()
+            if complete(v, registry.method(v.method), paths) is not None]
+
+
+def _failed_variants(results: Path, since: float) -> list[str]:
+    """The variants whose record says they failed, and those whose forced rerun failed
+    after `since` (their earlier result is kept: tasks.variants)."""
+    from tasks.variants import FAILED_ATTEMPT
+
     out = []
     for metrics in sorted(results.glob("*/metrics.json")):
         if json.loads(metrics.read_text()).get("status") not in ("ok", "not_applicable"):
             out.append(metrics.parent.name)
+        elif (attempt := metrics.parent / FAILED_ATTEMPT).exists() and \
+                attempt.stat().st_mtime >= since:
+            out.append(f"{metrics.parent.name} (its rerun; the earlier result is kept)")
     return out
 
 
@@ -215,7 +253,7 @@ def _one_step(args, config: ExperimentConfig, paths) -> int:
 
         variant = (Variant(args.name) if args.step == "baseline"
                    else train_variant_from_args(args, config))
-        print(run_variant(variant, config, paths))
+        print(run_variant(variant, config, paths, force=args.force))
     return 0
 
 
@@ -224,36 +262,59 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "step":
-            return _step(args)
-        if args.command == "report":
-            from tasks.report import build_report
+        with stop_at_once():  # SIGTERM, Ctrl-C: Interrupted, answered below (tasks.stop)
+            return _command(args)
+    except (Interrupted, KeyboardInterrupt) as err:  # KeyboardInterrupt: before the handler
+        name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+        print(f"loraflow: stopped by {name}{_what_is_kept(args)}", file=sys.stderr)
+        return err.exit_code if isinstance(err, Interrupted) else 130
+    except Exception as err:
+        storage = storage_error(err)
+        if storage is not None:
+            print(f"loraflow: error: {storage}{_what_is_kept(args)}", file=sys.stderr)
+            return 1
+        if isinstance(err, (ValueError, FileNotFoundError, InUse)):
+            print(f"loraflow: error: {err}", file=sys.stderr)
+            return 2
+        raise
 
-            print(f"report: {build_report(Path(args.run_dir), args.reports)}")
-            return 0
-        if args.command == "bench":
-            from tasks.paths import PROJECT_DIR
 
-            sys.path.insert(0, str(PROJECT_DIR))  # bench/ lives beside the packages, not in them
-            if args.sweep:
-                from bench.sweep import main as bench_main
-            elif args.k is not None:
-                raise ValueError("--k applies to --sweep only")
-            else:
-                from bench.run import main as bench_main
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What a stopped run or step leaves behind, and how to go on from it."""
+    if args.command == "run" and args.run_id:
+        return (f"; completed variants are kept: `loraflow run --run-id {args.run_id}` with the "
+                "same settings goes on from them")
+    return "; completed variants are kept" if args.command == "step" else ""
 
-            return bench_main(["--quick"] * args.quick + ["--out", args.out, "--device", args.device]
-                              + ["--data", args.data] * bool(args.data)
-                              + ["--k", str(args.k)] * (args.k is not None))
-        for name in PRESETS:
-            print(f"{name:6} " + json.dumps(preset_config(name).to_dict()))
-        print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in registry.METHODS.values()))
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "step":
+        return _step(args)
+    if args.command == "report":
+        from tasks.report import build_report
+
+        print(f"report: {build_report(Path(args.run_dir), args.reports)}")
         return 0
-    except (ValueError, FileNotFoundError, InUse) as err:
-        print(f"loraflow: error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "bench":
+        from tasks.paths import PROJECT_DIR
+
+        sys.path.insert(0, str(PROJECT_DIR))  # bench/ lives beside the packages, not in them
+        if args.sweep:
+            from bench.sweep import main as bench_main
+        elif args.k is not None:
+            raise ValueError("--k applies to --sweep only")
+        else:
+            from bench.run import main as bench_main
+
+        return bench_main(["--quick"] * args.quick + ["--out", args.out, "--device", args.device]
+                          + ["--data", args.data] * bool(args.data)
+                          + ["--k", str(args.k)] * (args.k is not None))
+    for name in PRESETS:
+        print(f"{name:6} " + json.dumps(preset_config(name).to_dict()))
+    print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in registry.METHODS.values()))
+    return 0
 
 
 if __name__ == "__main__":

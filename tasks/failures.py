@@ -2,13 +2,17 @@
 step) records its error beside where the report would be, `<reports>/<run>/failure.json`,
 since `prepare` can fail before the run folder exists. `check_variants` and the Report tab
 (plugins/loraflow_reports.py) read it to say what happened instead of waiting for a report.
+`storage_error` tells a full, read-only or forbidden disk (which stops a whole run) from a
+failure of one variant, and says it in one sentence.
 Standard library only: the API server's plugin imports it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,9 +53,10 @@ def read(run_id: str, reports: Path | str | None = None) -> dict[str, Any] | Non
 
 
 def sentence(failure: dict[str, Any]) -> str:
-    """`The run stopped in prepare (try 1): <error>`."""
-    return (f"The run stopped in {failure['step']} (try {failure.get('attempt', 1)}): "
-            f"{failure.get('error', 'no error recorded')}")
+    """`The run stopped in prepare (try 1): <error>`, without a closing period (the caller
+    adds one; the error's own would double it)."""
+    error = str(failure.get("error") or "no error recorded").rstrip().rstrip(".")
+    return f"The run stopped in {failure['step']} (try {failure.get('attempt', 1)}): {error}"
 
 
 def what_failed(run_id: str, run_dir: str | None) -> str:
@@ -62,7 +67,11 @@ def what_failed(run_id: str, run_dir: str | None) -> str:
         no_report = (" There is no report: the run folder was never made."
                      if failure["step"] == "prepare" else
                      " The report lists the variants as not run.")
-        return f"{sentence(failure)}. No variant ran.{no_report}"
+        stopped = sentence(failure)
+        # after an error of several lines (prepare's list of problems) on a line of its own,
+        # not glued to the last problem
+        after = "\n" if "\n" in stopped else " "
+        return f"{stopped}.{after}No variant ran.{no_report}"
     if run_dir is None:
         return ("prepare failed (its log says why): no variant ran and there is no report.")
     failed = []
@@ -78,3 +87,34 @@ def what_failed(run_id: str, run_dir: str | None) -> str:
                 "are in the report and in results/<variant>/metrics.json.")
     return ("a task before the variants failed without recording why (see the failed task's "
             "log in the grid); no variant recorded a result.")
+
+
+# errors of the storage itself, not of a step: every later write fails the same way
+_STORAGE = {
+    errno.ENOSPC: ("no space left on device writing {}", "free space and run again"),
+    errno.EDQUOT: ("disk quota exceeded writing {}", "free space and run again"),
+    errno.EROFS: ("read-only file system: cannot write {}",
+                  "choose a writable artifacts or reports folder ($LORAFLOW_ARTIFACTS, "
+                  "$LORAFLOW_REPORTS, --artifacts, --reports) and run again"),
+    errno.EACCES: ("permission denied on {}",
+                   "give this user access or choose another folder, and run again"),
+}
+_ERRNO_IN_TEXT = re.compile(r"errno (\d+)|os error (\d+)", re.IGNORECASE)  # pyarrow, safetensors
+
+
+def storage_error(err: BaseException) -> str | None:
+    """One sentence for a storage error (disk full, quota, read-only, permission denied) in
+    `err` or in the errors it was raised from or while handling, naming the path and what
+    to do; None for any other error."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        code = getattr(err, "errno", None)
+        if code is None and (found := _ERRNO_IN_TEXT.search(str(err))):
+            code = int(found.group(1) or found.group(2))
+        if code in _STORAGE:
+            what, todo = _STORAGE[code]
+            name = getattr(err, "filename", None)
+            return f"{what.format(name if name else 'a file (the error names none)')}: {todo}"
+        err = err.__cause__ or err.__context__
+    return None

@@ -82,9 +82,11 @@ def load_run(run_dir: Path | str, reports: Path | str | None = None) -> tuple[Ex
     return ExperimentConfig.from_dict(read_json(paths.config_json)), paths
 
 
-def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
+def run_all(config: ExperimentConfig, paths: RunPaths, force: bool = False) -> Path:
     """Every step in DAG order, in this process. A failing variant is recorded and the
-    others go on (as in the DAG); a failing data step stops the run. Returns the report."""
+    others go on (as in the DAG); a failing data step, a full or read-only disk and a stop
+    signal stop the run. A complete variant is kept, not run again, unless `force`.
+    Returns the report."""
     from tasks import report, tracking
     from tasks.variants import run_variant
 
@@ -92,14 +94,18 @@ def run_all(config: ExperimentConfig, paths: RunPaths) -> Path:
     for step in DATA_STEPS:
         step.function()(config, paths)
     for variant in config.variants():
-        _keep_going(variant.name, run_variant, variant, config, paths)
+        _keep_going(variant.name, run_variant, variant, config, paths, force=force)
     page = report.build_report(paths.run_dir, paths.reports)
     tracking.log_report(paths, page)
     return page
 
 
-def _keep_going(what: str, fn, *args) -> None:
+def _keep_going(what: str, fn, *args, **kwargs) -> None:
+    from tasks.failures import storage_error
+
     try:
-        fn(*args)
-    except Exception:  # the step already wrote a failed metrics record
-        log.exception("variant %s failed; continuing with the others", what)
+        fn(*args, **kwargs)
+    except Exception as err:  # the step already wrote a failed metrics record
+        if storage_error(err) is not None:
+            raise  # every later variant would fail the same way
+        log.warning("variant %s failed (%s); continuing with the others", what, err)

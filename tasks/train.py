@@ -58,6 +58,7 @@ from tasks.evaluate import (
 )
 from tasks.job import Job, Predictions, TrainedMethod
 from tasks.paths import atomic_dir
+from tasks.stop import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
         bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False,
                    disable=progress_disabled())
         for idx in bar:
+            check_stop()  # a stop signal ends training here, between two steps
             ids, mask = pad_batch([ids_col[i] for i in idx], pad)
             with autocast(device, dtype):
                 loss = model(input_ids=to_device(ids, device),
@@ -251,6 +253,10 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
                      state["examples"], warmup, resumed_from)
 
 
+def _stop_before_forward(module: torch.nn.Module, args: Any) -> None:
+    check_stop()
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
@@ -284,6 +290,9 @@ def train_variant(job: Job, module: TrainedMethod,
     seed_everything(variant.seed)
     with PeakMemory(device) as memory:
         model = load_classifier(config.model, seed=variant.seed)
+        # every forward pass (training, evaluation, latency, test scoring) first checks for
+        # a stop signal: a stopped variant stops within a batch, wherever it is
+        model.register_forward_pre_hook(_stop_before_forward)
         module.make_trainable(model, job)
         counts = count_parameters(model)
         record.params_total, record.params_trainable = counts["total"], counts["trainable"]
@@ -305,23 +314,26 @@ def train_variant(job: Job, module: TrainedMethod,
 
     # the stages after the last epoch take a while on a CPU: say what is going on
     log.info("%s: training done; saving the %s", variant.name, method.artifact)
-    with atomic_dir(job.out / method.artifact) as tmp:
-        module.save(model, job, tmp)
-    record.artifact_bytes = folder_bytes(job.out / method.artifact)
-    # latency leaves a mergeable model merged: the test subset is scored on the model a
-    # user would deploy, once, with larger batches
-    log.info("%s: measuring inference latency (batch of one, %s)", variant.name,
-             "base, unmerged and merged model" if method.mergeable else "final model")
-    latency = latency_fields(model, frames["test"], device, dtype,
-                             adapter=module if method.mergeable else None)
-    for key, value in latency.items():
-        setattr(record, key, value)
-    log.info("%s: scoring the %d test reviews once, with the final model", variant.name,
-             len(frames["test"]))
-    start = time.perf_counter()
-    test_prob = softmax_positive(predict_logits(
-        model, frames["test"], config.batch_size * EVAL_BATCH_FACTOR, device, dtype))
-    record.eval_seconds = (record.eval_seconds or 0.0) + time.perf_counter() - start
+    # saved before latency merges the model, put in place once the test subset is scored:
+    # a variant stopped before that leaves no model that looks complete
+    with atomic_dir(job.out / method.artifact) as saved:
+        module.save(model, job, saved)
+        record.artifact_bytes = folder_bytes(saved)
+        # latency leaves a mergeable model merged: the test subset is scored on the model a
+        # user would deploy, once, with larger batches
+        log.info("%s: measuring inference latency (batch of one, %s)", variant.name,
+                 "base, unmerged and merged model" if method.mergeable else "final model")
+        latency = latency_fields(model, frames["test"], device, dtype,
+                                 adapter=module if method.mergeable else None)
+        for key, value in latency.items():
+            setattr(record, key, value)
+        log.info("%s: scoring the %d test reviews once, with the final model", variant.name,
+                 len(frames["test"]))
+        start = time.perf_counter()
+        test_prob = softmax_positive(predict_logits(
+            model, frames["test"], config.batch_size * EVAL_BATCH_FACTOR, device, dtype))
+        record.eval_seconds = (record.eval_seconds or 0.0) + time.perf_counter() - start
+        check_stop()
     shutil.rmtree(job.out / "checkpoints", ignore_errors=True)  # the model is saved
     log.info("%s: validation accuracy %.4f after %.1f s of training", variant.name,
              result.eval_history[-1]["accuracy"], result.train_seconds)

@@ -1,7 +1,9 @@
 """The `loraflow` command: the whole smoke chain, single steps, and clear failures."""
 
+import errno
 import io
 import json
+import os
 import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -217,3 +219,54 @@ def test_presets_lists_every_preset_and_method(capsys):
         assert f"\n{name}" in f"\n{out}"
     for m in registry.METHODS.values():
         assert f"{m.name} ({m.kind})" in out
+
+
+# --- a full, read-only or forbidden disk: one line, the run stops, completed work is kept --------
+
+@pytest.mark.parametrize("code, said", [
+    (errno.ENOSPC, "no space left on device writing /x/y: free space and run again"),
+    (errno.EROFS, "read-only file system: cannot write /x/y: choose a writable artifacts or "
+                  "reports folder"),
+    (errno.EACCES, "permission denied on /x/y: give this user access or choose another folder"),
+])
+def test_a_storage_error_in_a_step_is_one_line_naming_the_path(code, said, artifacts, imdb_dir,
+                                                               monkeypatch, capsys):
+    def download(config, paths):
+        raise OSError(code, os.strerror(code), "/x/y")
+
+    monkeypatch.setattr("tasks.data.download_dataset", download)
+    assert main(["run", "--preset", "smoke", "--data", str(imdb_dir), *TINY,
+                 "--methods", "majority", "--run-id", "full"]) == 1
+    line, *more = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"loraflow: error: {said}") and more == []
+    assert line.endswith("and run again; completed variants are kept: `loraflow run --run-id "
+                         "full` with the same settings goes on from them")
+
+
+def test_a_full_disk_in_a_variant_stops_the_run_instead_of_failing_every_variant(
+        smoke_config, artifacts, imdb_sample, monkeypatch, capsys):
+    """pyarrow's error names no file and carries the errno only in its text."""
+    import dataclasses
+
+    import tasks.pipeline
+    from tasks.methods import majority
+    from tasks.pipeline import prepare_run
+    from tests.tasks.conftest import write_run_data
+
+    config = dataclasses.replace(smoke_config, methods=("majority", "tfidf_logreg"))
+    paths = prepare_run(config, "full", artifacts)
+    write_run_data(paths, imdb_sample)
+    monkeypatch.setattr(tasks.pipeline, "DATA_STEPS", ())  # the data is there
+
+    def predict(job):
+        raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space "
+                      "left on device")
+
+    monkeypatch.setattr(majority, "predict", predict)
+    assert main(["run", "--preset", "smoke", "--data", config.data, *TINY,
+                 "--methods", "majority", "tfidf_logreg", "--run-id", "full"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("loraflow: error: no space left on device writing a file (the error "
+                          "names none): free space and run again;") and "Traceback" not in err
+    assert MetricsRecord.read(paths.variant_dir("majority") / "metrics.json").status == "failed"
+    assert not paths.variant_dir("tfidf_logreg").exists()  # the run stopped there

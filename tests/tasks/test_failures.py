@@ -54,3 +54,32 @@ def test_prepare_failing_without_a_record_still_says_no_variant_ran(artifacts):
     assert failures.what_failed("other-run", None).startswith("prepare failed (its log says why)")
     assert "failed without recording why" in failures.what_failed(
         "other-run", str(RunPaths.for_run("other-run", artifacts).run_dir))
+
+
+def test_check_variants_names_prepares_problems_each_on_its_line_then_what_follows(
+        artifacts, imdb_dir, monkeypatch):
+    """`prepare` refused the run (as the DAG's prepare task records it): the message gives
+    its error whole, then, on a line of its own, that no variant ran and there is no
+    report. It used to glue "No variant ran." onto the last problem, after a double
+    period when that problem ended with one (the hub's message does)."""
+    from tasks.config import preset_config
+    from tasks.pipeline import prepare_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = preset_config("smoke", data=str(imdb_dir), model="no/such-model", targets=["foo"])
+    with pytest.raises(ValueError), failures.recorded(RUN_ID, "prepare", attempt=1):
+        prepare_run(config, RUN_ID)
+    message = failures.what_failed(RUN_ID, None)
+    first, problem, verdict = message.splitlines()
+    assert first == "The run stopped in prepare (try 1): the run cannot start:"
+    assert problem.startswith("  - model 'no/such-model' not found: ")
+    assert problem.endswith(".") and ".." not in message  # one period, the closing one
+    assert verdict == ("No variant ran. There is no report: the run folder was never made.")
+    assert not (artifacts / "runs").exists()  # which is so
+
+
+def test_an_error_ending_with_a_period_gets_no_second_one(artifacts):
+    with pytest.raises(OSError), failures.recorded(RUN_ID, "download_dataset", attempt=2):
+        raise OSError("the mirror is down.")
+    assert failures.what_failed(RUN_ID, str(artifacts / "runs" / "x")).startswith(
+        "The run stopped in download_dataset (try 2): the mirror is down. No variant ran.")

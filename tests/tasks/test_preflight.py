@@ -3,6 +3,8 @@ with a message naming each, and nothing is written."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tasks.config import preset_config
@@ -40,9 +42,34 @@ def test_every_problem_is_listed_in_one_message(imdb_dir, tmp_path):
     assert "/nope" in str(refused.value) and "'foo'" in str(refused.value)
 
 
-def test_a_model_is_not_needed_when_no_method_runs_the_encoder(tmp_path, imdb_dir):
+def test_a_bad_model_is_refused_even_when_no_method_runs_the_encoder(tmp_path, imdb_dir,
+                                                                    monkeypatch):
+    """The tokenize step loads the model's tokenizer whatever the methods: a model that is
+    not one used to pass `prepare` with baselines alone, then failed in tokenize, three
+    times (a retried error). It is refused in `prepare`, as bad input."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = preset_config("smoke", data=str(imdb_dir), model="no/such-model",
                            methods=["majority", "tfidf_logreg"])
+    with pytest.raises(ValueError, match="model 'no/such-model' not found"):
+        prepare_run(config, "refused", tmp_path / "a", tmp_path / "r")
+    assert not (tmp_path / "a" / "runs" / "refused").exists()
+
+
+def test_a_model_folder_without_its_vocabulary_is_refused(tmp_path, imdb_dir):
+    """A folder with config.json alone loads, but transformers makes it an empty tokenizer
+    that turns every word into [UNK]: refused, naming the missing files."""
+    from tasks.models import embedded_minilm_dir
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(embedded_minilm_dir() / "config.json", folder / "config.json")
+    config = preset_config("smoke", data=str(imdb_dir), model=str(folder), methods=["majority"])
+    with pytest.raises(ValueError, match=r"tokenizer knows none of the words.*vocabulary files"):
+        prepare_run(config, "refused", tmp_path / "a", tmp_path / "r")
+
+
+def test_baselines_alone_pass_with_a_model_whose_tokenizer_loads(tmp_path, imdb_dir):
+    config = preset_config("smoke", data=str(imdb_dir), methods=["majority", "tfidf_logreg"])
     assert prepare_run(config, "ok", tmp_path / "a", tmp_path / "r").config_json.exists()
 
 

@@ -244,13 +244,13 @@ def test_retried_variant_continues_its_child_run(mlflow_uri, tracked, seen, monk
     with monkeypatch.context() as mp:
         mp.setattr(train, "latency_fields", lost_worker)
         with pytest.raises(RuntimeError, match="worker lost"):
-            run_variant(variant, config, paths)
+            run_variant(variant, config, paths, force=True)  # complete in the fixture's run
     failed = _children(read_back(mlflow_uri, "tracked-run"))[variant.name]
     assert failed["id"] == before["id"]
     assert failed["status"] == "FAILED" and failed["tags"]["loraflow.status"] == "failed"
     assert "worker lost" in failed["tags"]["loraflow.error"]
 
-    run_variant(variant, config, paths)  # the retry
+    run_variant(variant, config, paths, force=True)  # the retry (the record kept was ok)
     seen = read_back(mlflow_uri, "tracked-run")
     retried = [r for r in seen["runs"] if r["name"] == variant.name]
     assert [r["id"] for r in retried] == [before["id"]]
@@ -270,7 +270,7 @@ def test_stopped_server_costs_a_warning_not_the_variant(tracked, monkeypatch, ca
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     variant = next(v for v in config.variants() if v.method == "lora")
     with caplog.at_level("WARNING", logger="tasks.tracking"):
-        run_variant(variant, config, paths)
+        run_variant(variant, config, paths, force=True)  # complete in the fixture's run
     record = MetricsRecord.read(paths.variant_dir(variant.name) / "metrics.json")
     assert record.status == "ok" and record.accuracy is not None
     warnings = [r.getMessage() for r in caplog.records if r.name == "tasks.tracking"]
