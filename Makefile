@@ -44,12 +44,17 @@ $(MLFLOW_DONE): scripts/mlflow_server.constraints.txt scripts/mlflow_server.sh
 	bash scripts/mlflow_server.sh install
 	touch $@
 
-# Both print their 25 slowest tests: the suite's time budget, visible.
+# Both print their 25 slowest tests: the suite's time budget, visible. TEST_WORKERS pytest-xdist
+# workers share the suite; the tests of one shared run (the cluster, the real Airflow, the
+# session's smoke run, the dag.test run) stay in one worker, and those groups start first
+# (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 test: $(SETUP_DONE) $(MLFLOW_DONE)  ## the whole suite, slow tests included (what CI runs)
-	$(PY) -m pytest -q --durations=25
+	$(PYTEST)
 
 test-fast: $(SETUP_DONE)  ## skip the slow, browser, scheduler and cluster tests
-	$(PY) -m pytest -q --durations=25 -m "not slow and not browser and not scheduler and not cluster"
+	$(PYTEST) -m "not slow and not browser and not scheduler and not cluster"
 
 run: $(SETUP_DONE)  ## the whole DAG on this machine (embedded MiniLM, local IMDB), then print the report path
 	bash scripts/run_dag.sh $(PRESET)

@@ -153,6 +153,7 @@ def _regression_lines(since: dict[str, Any]) -> list[str]:
 def compose(event: str, context: dict[str, Any]) -> tuple[str, str]:
     """(subject, plain-text body) of the message, from the run's summary.json when the
     report was written."""
+    from tasks import failures
     from tasks.paths import report_url
 
     run_id = _run_id(context)
@@ -178,6 +179,9 @@ def compose(event: str, context: dict[str, Any]) -> tuple[str, str]:
         ti = context.get("ti")
         reason = context.get("reason") or "failed"
         lines.append(f"Reason: {reason}." + (f" Last task: {ti.task_id}." if ti else ""))
+        stopped = failures.read(run_id)  # the step that stopped the run, with its error
+        if stopped:
+            lines.append(failures.sentence(stopped))
         if summary is None:
             lines.append("No report was written (the run failed before its report task).")
     if url:

@@ -24,6 +24,7 @@ import httpx
 from tests.dags.conftest import DAG_ID
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
+NOTIFY_CONN = "loraflow_notify"  # $LORAFLOW_NOTIFY_CONN_ID of the session's Airflow
 
 
 def _free_port() -> int:
@@ -62,6 +63,21 @@ class Airflow:
 
     def runs(self) -> list[dict]:
         return self.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns").raise_for_status().json()["dag_runs"]
+
+    def asset_id(self, name: str) -> int:
+        found = self.client.get("/api/v2/assets", params={"name_pattern": name})
+        [asset] = [a for a in found.raise_for_status().json()["assets"] if a["name"] == name]
+        return asset["id"]
+
+    def post_asset_event(self, name: str, extra: dict) -> dict:
+        """An event on the asset `name`, as an upstream system would post it."""
+        body = {"asset_id": self.asset_id(name), "extra": extra}
+        return self.client.post("/api/v2/assets/events", json=body).raise_for_status().json()
+
+    def asset_events(self, name: str, **params) -> list[dict]:
+        found = self.client.get("/api/v2/assets/events",
+                                params={"asset_id": self.asset_id(name), **params})
+        return found.raise_for_status().json()["asset_events"]
 
     def delete_runs(self) -> None:
         """Forget every DAG run, so that a test starts from an Airflow that ran nothing."""
@@ -105,7 +121,9 @@ def running_airflow(root: Path, env: dict[str, str], migrated_db: Path) -> Itera
         "OMP_NUM_THREADS": "1",  # 3 task processes on a 2-core machine: no thread oversubscription
     }
     env.pop("LORAFLOW_DEVICE", None)
-    env.pop("LORAFLOW_SCHEDULE", None)  # the default, weekly: unpausing must not start a run
+    # A run starts only when the data asset receives an event (or a test triggers one);
+    # notifications go through NOTIFY_CONN, once a test creates that connection.
+    env.update({"LORAFLOW_SCHEDULE": "asset", "LORAFLOW_NOTIFY_CONN_ID": NOTIFY_CONN})
 
     procs: dict[str, subprocess.Popen] = {}
     logs = {name: root / f"{name}.log" for name in COMPONENTS}

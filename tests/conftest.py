@@ -4,6 +4,10 @@ tokenization cache per session and one smoke run of every method per session."""
 from __future__ import annotations
 
 import os
+
+# Tests never reach the hub, even under `make`, which exports HF_HUB_OFFLINE=0 for users:
+# online, every lookup of a model that is not there waited on its retries (23 s a test).
+os.environ["HF_HUB_OFFLINE"] = "1"
 import subprocess
 import sys
 import tempfile
@@ -19,7 +23,6 @@ from tasks.pipeline import prepare_run
 
 IMDB_DIR = Path(os.environ.get("LORAFLOW_DATA", Path(__file__).resolve().parents[2] / "shared/data/imdb"))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("LORAFLOW_DATA", str(IMDB_DIR))  # the presets' data, as under `make test`
 # Local sources must lie under these (tasks.sources.data_roots): the IMDB copy's folder and
 # the temporary folder, where tests write their own sources (tmp_path).
@@ -38,12 +41,15 @@ TINY = {"train_size": 64, "val_size": 32, "test_size": 32, "max_length": 32}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def shared_cache(tmp_path_factory) -> Path:
+def shared_cache(tmp_path_factory, worker_id) -> Path:
     """One data and tokenization cache for the whole session ($LORAFLOW_CACHE, inherited by
     the CLI, Airflow and cluster processes the tests start): a fresh artifacts folder no
     longer re-normalises the full IMDB splits, re-validates the whole source or re-tokenizes
-    what an earlier test tokenized. Tests that watch the cache itself use `private_cache`."""
-    cache = tmp_path_factory.mktemp("cache")
+    what an earlier test tokenized. Tests that watch the cache itself use `private_cache`.
+    Under pytest-xdist every worker shares it (its keys and file locks make that safe)."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if worker_id != "master" else base) / "cache"  # popen-gwN's parent
+    cache.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LORAFLOW_CACHE", str(cache))
         yield cache
@@ -163,15 +169,32 @@ def airflow(airflow_server):
     return airflow_server
 
 
+# Fixtures too costly to build twice: every test that uses one runs in the same pytest-xdist
+# worker (`make test` runs two), in the group named here; the groups start first, longest
+# first, so that they overlap the rest of the suite instead of trailing it.
+SHARED_RUNS = {"cluster": "cluster", "airflow": "airflow", "smoke_all": "smoke-all",
+               "smoke_run_with_a_broken_variant": "dag-test"}
+
+
+def _group(item) -> str:
+    """The item's xdist group: the shared run it reads, else its module (module-scoped
+    fixtures are then built once)."""
+    names = set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("cluster"):
+        return "cluster"
+    return next((group for name, group in SHARED_RUNS.items() if name in names),
+                item.nodeid.split("::")[0])
+
+
 def pytest_collection_modifyitems(items):
-    """The tests of the real Airflow run one after another, from where the first of them
-    is, so that it can stop right after the last (pytest_runtest_teardown)."""
-    users = [item for item in items if "airflow" in getattr(item, "fixturenames", ())]
-    if users:
-        chosen = set(users)
-        others = [item for item in items if item not in chosen]
-        first = items.index(users[0])
-        items[:] = others[:first] + users + others[first:]
+    """Tests of one shared run go together, first (xdist hands out whole groups in this
+    order: `--dist loadgroup --no-loadscope-reorder`); the real Airflow's tests one after
+    another, so that it can stop right after the last (pytest_runtest_teardown)."""
+    order = list(SHARED_RUNS.values())
+    groups = {item: _group(item) for item in items}
+    items.sort(key=lambda item: order.index(groups[item]) if groups[item] in order else len(order))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
 
 
 def pytest_runtest_teardown(item, nextitem):

@@ -71,10 +71,16 @@ def test_a_regression_is_named_in_the_failure_message(reports):
 
 
 def test_a_run_that_failed_before_its_report_says_so(reports):
+    from tasks import failures
+
+    with pytest.raises(ValueError), failures.recorded(RUN_ID, "prepare"):
+        raise ValueError("the run cannot start: data folder 'x' does not exist")
     subject, body = notify.compose("failed", {
         "run_id": RUN_ID, "reason": "task_failure", "ti": SimpleNamespace(task_id="prepare")})
     assert subject == f"[loraflow] run {RUN_ID} failed"
     assert "Last task: prepare." in body and "No report was written" in body
+    assert ("The run stopped in prepare (try 1): the run cannot start: data folder 'x' does "
+            "not exist") in body
     assert "Report:" not in body
 
 

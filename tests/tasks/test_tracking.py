@@ -21,6 +21,7 @@ from tasks.metrics import MetricsRecord
 from tasks.paths import read_json
 from tasks.pipeline import prepare_run, run_all
 from tasks.registry import Variant
+from tests.conftest import TINY
 
 MLFLOW_VENV = Path(__file__).resolve().parents[2] / ".venv-mlflow"
 MLFLOW = MLFLOW_VENV / "bin" / "mlflow"
@@ -116,14 +117,15 @@ def read_back(uri: str, run_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tracked(mlflow_uri, imdb_dir, tmp_path_factory):
-    """The smoke preset, every step in-process, tracked in `mlflow_uri`."""
+    """The smoke preset (every method) at the session's TINY sizes, every step in-process,
+    tracked in `mlflow_uri`."""
     root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "loraflow-test")
         mp.setenv("LORAFLOW_PROGRESS", "0")
         mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # a loaded test machine, not a dead server
-        config = preset_config("smoke", data=str(imdb_dir))
+        config = preset_config("smoke", data=str(imdb_dir), **TINY)
         paths = prepare_run(config, "tracked-run", root / "artifacts", root / "reports")
         report = run_all(config, paths)
     return config, paths, report
@@ -174,7 +176,7 @@ def test_parent_and_one_child_per_variant_with_its_metrics(tracked, seen):
     assert parent["tags"]["loraflow.preset"] == "smoke"
     assert parent["tags"]["loraflow.commit"] == read_json(paths.run_dir / "environment.json")["git_commit"]
     assert parent["params"]["model"] == "tiny-distilbert"
-    assert parent["params"]["train_size"] == "256"
+    assert parent["params"]["train_size"] == str(TINY["train_size"])
     assert parent["status"] == "FINISHED"
     assert {"report/report.html", "report/comparison.csv",
             "report/summary.json"} <= set(parent["artifacts"])
