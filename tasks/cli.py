@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -257,8 +258,22 @@ def _one_step(args, config: ExperimentConfig, paths) -> int:
     return 0
 
 
+def _allow_the_given_folder(args: argparse.Namespace) -> None:
+    """`--data FOLDER` on the command line is allowed wherever it is: the data roots
+    (tasks.sources.data_roots) guard what a trigger form may name, not what the person at
+    this shell may read. An explicit $LORAFLOW_DATA_ROOTS still rules."""
+    from tasks.sources import data_roots
+
+    data = getattr(args, "data", None)
+    if not data or data == "hub" or "://" in data or os.environ.get("LORAFLOW_DATA_ROOTS"):
+        return
+    folder = Path(data).expanduser().resolve()
+    os.environ["LORAFLOW_DATA_ROOTS"] = os.pathsep.join(map(str, [*data_roots(), folder]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _allow_the_given_folder(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

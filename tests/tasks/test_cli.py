@@ -82,6 +82,30 @@ def test_bad_data_source_fails_with_the_reason_on_stderr(tmp_path, capsys, monke
     assert code == 2 and "missing" in err and "loraflow: error:" in err
 
 
+def test_a_folder_given_on_the_command_line_is_allowed_outside_the_data_roots(
+        tmp_path, imdb_sample, imdb_dir, capsys, monkeypatch):
+    """The data roots guard what a trigger form may name; the person at the shell may read
+    any folder. An explicit LORAFLOW_DATA_ROOTS still rules."""
+    from tasks.sources import parse_source
+
+    own = tmp_path / "my-imdb"
+    own.mkdir()
+    for split in ("train", "test"):
+        frame = imdb_sample[split] if split == "test" else pd.concat(
+            [imdb_sample["train"], imdb_sample["validation"]])
+        frame.to_parquet(own / f"{split}.parquet", index=False)
+    monkeypatch.setenv("LORAFLOW_ARTIFACTS", str(tmp_path / "a"))
+    monkeypatch.setenv("LORAFLOW_DATA", str(imdb_dir))
+    monkeypatch.delenv("LORAFLOW_DATA_ROOTS")
+    with pytest.raises(ValueError, match="outside the allowed"):
+        parse_source(str(own))  # what prepare says to a trigger conf naming it
+    argv = ["step", "prepare", "--preset", "smoke", "--data", str(own), *TINY, "--run-id", "own"]
+    assert main(argv) == 0, capsys.readouterr().err
+    monkeypatch.setenv("LORAFLOW_DATA_ROOTS", str(imdb_dir))
+    assert main([*argv[:-1], "own-2"]) == 2
+    assert "outside the allowed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ranks", "0"], "rank"),
     (["--lora-lr", "1e-3,2e-3", "--full-lr", "5e-5"], "same tuning budget"),
