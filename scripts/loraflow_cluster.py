@@ -60,6 +60,7 @@ from cluster_env import (
 from cluster_processes import (
     load_state,
     process_of,
+    processes_in_sessions,
     save_state,
     stop_cluster,
     tail,
@@ -72,8 +73,6 @@ INIT_SCRIPT = ROOT / "docker" / "airflow-init.sh"
 
 
 def start(opts: argparse.Namespace) -> int:
-    import psutil
-
     home = Path(opts.home).resolve()
     state = load_state(home)
     if any(process_of(entry) for entry in state.get("components", {}).values()):
@@ -111,21 +110,14 @@ def start(opts: argparse.Namespace) -> int:
             print(f"init failed:\n{tail(init_log)}", file=sys.stderr)
             return 1
 
-    state = {"home": str(home), "url": f"http://{opts.host}:{opts.port}", "database": opts.database,
+    state = {"opts": {k: v for k, v in vars(opts).items() if k != "func"},  # for `restart`
+             "home": str(home), "url": f"http://{opts.host}:{opts.port}", "database": opts.database,
              "redis": opts.redis, "gpu_workers": opts.gpu_workers, "gpus": gpus,
              "tasks_per_gpu": opts.resolved_tasks_per_gpu, "pool_slots": pool_slots(opts, gpus),
              "artifacts": env["LORAFLOW_ARTIFACTS"], "reports": env["LORAFLOW_REPORTS"],
              "components": {}}
     for c in plan:
-        out = home / "logs" / f"{c.name}.out"
-        with open(out, "ab") as log:
-            proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), *c.args],
-                                    env={**env, **c.env}, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=home)
-        state["components"][c.name] = {
-            "pid": proc.pid, "started": psutil.Process(proc.pid).create_time(), "log": str(out),
-            "queue": c.queue, "hostname": worker_hostname_of(c),
-            "cuda_visible_devices": c.env.get("CUDA_VISIBLE_DEVICES")}
+        state["components"][c.name] = launch(c, env, home)
         save_state(home, state)
 
     try:
@@ -136,6 +128,91 @@ def start(opts: argparse.Namespace) -> int:
         return 1
     print_summary(state, home)
     return 0
+
+
+def launch(c: Component, env: dict[str, str], home: Path) -> dict:
+    """Start one component in a session of its own; its state entry."""
+    import psutil
+
+    out = home / "logs" / f"{c.name}.out"
+    with open(out, "ab") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), *c.args],
+                                env={**env, **c.env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=home)
+    return {"pid": proc.pid, "started": psutil.Process(proc.pid).create_time(), "log": str(out),
+            "queue": c.queue, "hostname": worker_hostname_of(c),
+            "cuda_visible_devices": c.env.get("CUDA_VISIBLE_DEVICES")}
+
+
+def restart(opts: argparse.Namespace) -> int:
+    """Start one component again, as `start` started it (after a crash, or --kill first:
+    SIGKILL every process of its session, as a lost machine dies); wait until it is back."""
+    home = Path(opts.home).resolve()
+    state = load_state(home)
+    if "opts" not in state:
+        print(f"no cluster started from {home}", file=sys.stderr)
+        return 1
+    started = argparse.Namespace(**state["opts"])
+    plan = {c.name: c for c in components(started, state["gpus"])}
+    if opts.component not in plan:
+        print(f"unknown component {opts.component!r}; one of {sorted(plan)}", file=sys.stderr)
+        return 2
+    entry = state["components"].get(opts.component)
+    if entry and process_of(entry):
+        if not opts.kill:
+            print(f"{opts.component} is running (pid {entry['pid']}); --kill ends it first",
+                  file=sys.stderr)
+            return 1
+        kill_session(entry["pid"])
+    log = home / "logs" / f"{opts.component}.out"
+    offset = log.stat().st_size if log.exists() else 0
+    state["components"][opts.component] = launch(plan[opts.component], settings(started, home), home)
+    save_state(home, state)
+    try:
+        wait_until_back(state, opts.component, log, offset, opts.timeout)
+    except (TimeoutError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"restarted {opts.component}: pid {state['components'][opts.component]['pid']}")
+    return 0
+
+
+def kill_session(pid: int) -> None:
+    """SIGKILL every process of the session that `pid` leads: the component, its pool
+    processes, log server and task processes."""
+    import psutil
+
+    procs = processes_in_sessions({pid})
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def wait_until_back(state: dict, name: str, log: Path, offset: int, timeout: float) -> None:
+    """A worker: `ready.` in its log since `offset`; the API server: it answers; the
+    scheduler, triggerer, DAG processor: the health endpoint says healthy."""
+    import httpx
+
+    entry = state["components"][name]
+
+    def up():
+        if not process_of(entry):
+            raise RuntimeError(f"airflow {name} exited:\n{tail(log)}")
+        if entry["queue"]:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                return b" ready." in f.read()
+        try:
+            health = httpx.get(f"{state['url']}/api/v2/monitor/health", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        job = name.replace("-", "_")
+        return name == "api-server" or health.get(job, {}).get("status") == "healthy"
+
+    wait_for(f"{name} to be back", up, timeout)
 
 
 def worker_hostname_of(c: Component) -> str | None:
@@ -249,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=30, help="seconds between SIGTERM and SIGKILL")
     p.set_defaults(func=stop)
     sub.add_parser("status", help="which components run").set_defaults(func=status)
+    p = sub.add_parser("restart", help="start one component again (after a crash, or --kill)")
+    p.add_argument("component", help="api-server, scheduler, dag-processor, triggerer, "
+                   "default, gpu-<i>")
+    p.add_argument("--kill", action="store_true", help="SIGKILL it first if it runs")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait until it is back")
+    p.set_defaults(func=restart)
     p = sub.add_parser("trigger", help="start a DAG run through the REST API")
     p.add_argument("conf", help='trigger conf as JSON, e.g. \'{"preset": "smoke"}\'')
     p.add_argument("--wait", action="store_true", help="wait for the end, print tasks and workers")
