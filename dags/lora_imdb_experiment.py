@@ -323,6 +323,18 @@ NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[RetryRule(
     reason="bad input (ValueError): a retry would fail the same way")])
 # LORAFLOW_RETRY_DELAY_S shortens the first back-off (tests and local clusters).
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("LORAFLOW_RETRY_DELAY_S", "60")))
+
+
+def _max_active_runs() -> int:
+    """One run at a time unless LORAFLOW_MAX_ACTIVE_RUNS says more: runs share no files
+    (each has its run folder and report) and the `gpu` pool shares the GPUs, so a
+    deployment may run several; one keeps a schedule from piling runs up."""
+    raw = os.environ.get("LORAFLOW_MAX_ACTIVE_RUNS", "1").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"LORAFLOW_MAX_ACTIVE_RUNS must be a whole number of at least 1, not {raw!r}")
+    return int(raw)
+
+
 RETRY: dict[str, Any] = {
     "retries": 2, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30), "retry_policy": NO_RETRY_ON_BAD_INPUT,
@@ -423,7 +435,7 @@ def _data_step(step: str, fn: Any, run_dir: str) -> str:
     schedule=_timetable(),
     # No start_date: with one, unpausing would start the latest past slot at once.
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=_max_active_runs(),
     params=PARAMS,
     tags=["loraflow", "lora", "nlp", "experiment"],
     default_args={"owner": "loraflow", "retries": 0, "execution_timeout": timedelta(hours=1)},

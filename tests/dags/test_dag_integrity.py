@@ -140,6 +140,16 @@ def test_dag_run_settings(dag):
     assert "Trigger form" in dag.doc_md
 
 
+def test_runs_at_once_one_unless_the_deployment_allows_more(dag, monkeypatch):
+    dag_module = sys.modules[dag.get_task("prepare").python_callable.__module__]
+    monkeypatch.setenv("LORAFLOW_MAX_ACTIVE_RUNS", "3")  # the cluster tests run three at once
+    assert dag_module._max_active_runs() == 3
+    for bad in ("0", "two", "-1", ""):
+        monkeypatch.setenv("LORAFLOW_MAX_ACTIVE_RUNS", bad)
+        with pytest.raises(ValueError, match="LORAFLOW_MAX_ACTIVE_RUNS must be a whole number"):
+            dag_module._max_active_runs()
+
+
 def test_params_are_the_design_names_with_descriptions(dag):
     assert list(dag.params) == ["preset", "methods", "model", "data", "train_size", "val_size",
                                 "test_size", "max_length", "truncation", "epochs", "batch_size",
