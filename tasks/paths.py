@@ -233,6 +233,25 @@ def _install(tmp: Path, target: Path) -> None:
     fsync_path(target.parent)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR_IN_TEXT = re.compile(r"errno (\d+)|os error (\d+)", re.IGNORECASE)  # safetensors
+
+
+@contextmanager
+def _naming_the_target(target: Path) -> Iterator[None]:
+    """A full disk met by a writer that names no file (safetensors: "os error 28", a bare
+    write()) is raised as an OSError naming `target`, so the error says where."""
+    try:
+        yield
+    except Exception as err:
+        code = getattr(err, "errno", None)
+        if code is None and (found := _OS_ERROR_IN_TEXT.search(str(err))):
+            code = int(found.group(1) or found.group(2))
+        if code in _FULL and not getattr(err, "filename", None):
+            raise OSError(code, os.strerror(code), str(target)) from err
+        raise
+
+
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only on success."""
@@ -242,9 +261,10 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        _seal(tmp_path)
-        _install(tmp_path, target)
+        with _naming_the_target(target):
+            yield tmp_path
+            _seal(tmp_path)
+            _install(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -258,9 +278,10 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
-        _seal(tmp)
-        _install(tmp, target)
+        with _naming_the_target(target):
+            yield tmp
+            _seal(tmp)
+            _install(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -3,6 +3,7 @@ with several writers of one target."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from tasks import paths as paths_module
+from tasks.failures import storage_error
 from tasks.paths import (
     SPLITS,
     RunPaths,
@@ -28,6 +30,27 @@ def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_target_where_the_writer_named_none(tmp_path):
+    target = tmp_path / "checkpoints" / "epoch-002"
+    with pytest.raises(OSError) as raised, atomic_dir(target) as tmp:
+        (tmp / "w.safetensors").write_bytes(b"half")
+        raise RuntimeError("Io error: No space left on device (os error 28)")  # safetensors
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert storage_error(raised.value) == (f"no space left on device writing {target}: "
+                                           "free space and run again")
+    assert list(target.parent.iterdir()) == []  # nothing half-written left, nothing complete
+
+    with pytest.raises(OSError) as raised, atomic_path(tmp_path / "a.json") as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device")  # a bare write(): no filename
+    assert raised.value.filename == str(tmp_path / "a.json")
+    with pytest.raises(OSError) as raised, atomic_path(tmp_path / "b.json") as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert raised.value.filename == str(tmp)  # a named file stays named
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "c.json"):
+        raise RuntimeError("not a disk error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
 def test_atomic_writes_replace_and_are_readable_by_others(tmp_path):
