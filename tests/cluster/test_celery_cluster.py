@@ -9,8 +9,7 @@ training variants by their run folder (`results/<variant>/checkpoints/epoch-NNN/
 training, `metrics.json` when done) and their map index (the variant's name). The tests
 share one cluster and run in file order: the settings, three runs at once, faults injected
 while a variant trains (a worker, the scheduler, the broker, the database, the API server,
-the disk),
-and `stop`."""
+the disk), and `stop`. The artifacts root is a tmpfs of its own where root may mount one."""
 
 from __future__ import annotations
 
