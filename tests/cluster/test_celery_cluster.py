@@ -368,7 +368,14 @@ def _broker_restarted(cluster: Cluster, run_id: str, ti: dict) -> str:
         return all(b"Connected to redis" in log.read_bytes()[offset:] for log, offset in logs.items())
 
     cluster_processes.wait_for("the workers to reconnect to the broker", reconnected, 120)
-    return f"Redis killed, 3 s down, started empty; {len(logs)} workers reconnected"
+    # The queued task instances' messages went with the broker: Airflow would send them
+    # again after [scheduler] task_queued_timeout; an operator clears them at once.
+    queued = [t for t in cluster.api.task_instances(run_id) if t["state"] == "queued"]
+    if queued:
+        _clear(cluster, run_id, queued, why="queued, their messages lost with the broker",
+               downstream=False)
+    return (f"Redis killed, 3 s down, started empty; {len(logs)} workers reconnected; "
+            f"{len(queued)} queued task instances cleared")
 
 
 def _database_restarted(cluster: Cluster, run_id: str, ti: dict) -> str:
@@ -488,16 +495,17 @@ def _recover(cluster: Cluster, lost: set[str], since: float, timeout: float = 24
     return notes
 
 
-def _clear(cluster: Cluster, run_id: str, failed: list[dict]) -> None:
-    """What an operator does with a failed run: clear its failed task instances and what
-    runs after them (the report), and the run goes on."""
-    print(f"run failed; clearing {[(t['task_id'], t['rendered_map_index']) for t in failed]}"
-          " and what runs after them (the report)")
+def _clear(cluster: Cluster, run_id: str, tis: list[dict], why: str = "failed",
+           downstream: bool = True) -> None:
+    """What an operator does: clear task instances (failed ones: and what runs after them,
+    the report), and the run goes on."""
+    print(f"clearing {[(t['task_id'], t['rendered_map_index']) for t in tis]} ({why})"
+          + (" and what runs after them" if downstream else ""))
     cluster.api.client.post(f"/api/v2/dags/{DAG_ID}/clearTaskInstances", json={
         "dry_run": False, "dag_run_id": run_id, "only_failed": False,
         "task_ids": [[t["task_id"], t["map_index"]] if t["map_index"] >= 0 else t["task_id"]
-                     for t in failed],
-        "include_downstream": True, "reset_dag_runs": True}).raise_for_status()
+                     for t in tis],
+        "include_downstream": downstream, "reset_dag_runs": True}).raise_for_status()
 
 
 def _training_or_clear(cluster: Cluster, run_id: str, lost: set[str], cleared: list[dict],
