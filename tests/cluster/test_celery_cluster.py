@@ -363,6 +363,7 @@ def _broker_restarted(cluster: Cluster, run_id: str, ti: dict) -> str:
     cluster.redis.stop()  # SIGKILL, nothing on disk: queued messages and results are gone
     time.sleep(3)
     cluster.redis.start()
+    back = time.time()
 
     def reconnected():
         return all(b"Connected to redis" in log.read_bytes()[offset:] for log, offset in logs.items())
@@ -370,7 +371,8 @@ def _broker_restarted(cluster: Cluster, run_id: str, ti: dict) -> str:
     cluster_processes.wait_for("the workers to reconnect to the broker", reconnected, 120)
     # The queued task instances' messages went with the broker: Airflow would send them
     # again after [scheduler] task_queued_timeout; an operator clears them at once.
-    queued = [t for t in cluster.api.task_instances(run_id) if t["state"] == "queued"]
+    queued = [t for t in cluster.api.task_instances(run_id) if t["state"] == "queued"
+              and t["queued_when"] and _at(t["queued_when"]).timestamp() < back]
     if queued:
         _clear(cluster, run_id, queued, why="queued, their messages lost with the broker",
                downstream=False)
