@@ -366,7 +366,8 @@ def _broker_restarted(cluster: Cluster, run_id: str, ti: dict) -> str:
     back = time.time()
 
     def reconnected():
-        return all(b"Connected to redis" in log.read_bytes()[offset:] for log, offset in logs.items())
+        # Celery's "Connected to <broker url>" (the URL masked in Airflow's logs)
+        return all(b"] Connected to " in log.read_bytes()[offset:] for log, offset in logs.items())
 
     cluster_processes.wait_for("the workers to reconnect to the broker", reconnected, 120)
     # The queued task instances' messages went with the broker: Airflow would send them
