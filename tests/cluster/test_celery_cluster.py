@@ -60,7 +60,8 @@ BESIDE_THE_SWEEP = (
 )
 # Long enough to kill a worker between a variant's first epoch checkpoint and its end, and
 # to have a variant training at each control-plane fault after that.
-FAULT_RUN = {"preset": "smoke", "ranks": [4], "seeds": [1], "epochs": 5,
+FAULT_RUN = {"preset": "smoke", "methods": ["majority", "lora", "full_finetune"], "ranks": [4],
+             "seeds": [1], "epochs": 15,
              "train_size": 2000, "test_size": 64, "max_length": 64}
 
 
