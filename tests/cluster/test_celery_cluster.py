@@ -673,18 +673,19 @@ def test_faults_while_training_lose_nothing(cluster):
 
     # Airflow noticed the lost worker: the killed try failed (it stopped heartbeating), and a
     # retry on the surviving worker resumed from the variant's epoch checkpoint.
-    # (A try that never started, lost with the broker's queue, keeps the last hostname.)
-    ran_on_victim = [x for history in tries.values() for x in history if x["hostname"] == victim
-                     and x["start_date"] and _at(x["start_date"]).timestamp() < killed_at]
-    killed = [x for x in ran_on_victim if x["state"] != "success"]
-    assert [(x["state"], x["try_number"]) for x in killed] == [("failed", victim_ti["try_number"])], ran_on_victim
-    assert all(_at(x["end_date"]).timestamp() < killed_at for x in ran_on_victim if x not in killed)
-    history = tries[(killed[0]["task_id"], killed[0]["map_index"])]
-    later = [x for x in history if x["try_number"] > killed[0]["try_number"]]
+    # The killed try failed; a retry on the surviving worker finished it. (A try lost with
+    # the broker's queue and cleared never started: it keeps the killed try's host and times.)
+    history = tries[(victim_ti["task_id"], victim_ti["map_index"])]
+    killed = next(x for x in history if x["try_number"] == victim_ti["try_number"])
+    assert killed["state"] == "failed" and killed["hostname"] == victim, history
+    later = [x for x in history if x["try_number"] > killed["try_number"]]
     assert max(later, key=lambda x: x["try_number"])["state"] == "success", history
-    ran_later = [x for x in later if x["start_date"] and _at(x["start_date"]).timestamp() > killed_at]
+    ran_later = [x for x in later if x["start_date"] != killed["start_date"]]
     assert ran_later and {x["hostname"] for x in ran_later} <= cluster.hostnames("gpu") - {victim}
-    logs = [line for x in later for line in cluster.api.log(run_id, x, x["try_number"])]
+    # The other tries on the victim ended before it died.
+    assert all(_at(x["end_date"]).timestamp() < killed_at for h in tries.values() for x in h
+               if x["hostname"] == victim and x["start_date"] != killed["start_date"])
+    logs = [line for x in ran_later for line in _quietly(cluster.api.log, run_id, x, x["try_number"]) or []]
     assert any("resuming after epoch" in line for line in logs), "\n".join(logs)
     # Nothing started on the dead worker after it died.
     assert all(_at(t["start_date"]).timestamp() < killed_at
