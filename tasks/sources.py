@@ -132,8 +132,12 @@ def read_cached(folder: Path, *, warn: bool = True) -> dict[str, pd.DataFrame] |
         return None
     if damaged:
         if warn:
-            log.warning("data cache %s: the SHA-256 of %s differs from its source.json "
-                        "(damaged on disk); rebuilding it", folder, ", ".join(damaged))
+            log.warning(
+                "data cache %s: the SHA-256 of %s differs from its source.json "
+                "(damaged on disk); rebuilding it",
+                folder,
+                ", ".join(damaged),
+            )
         return None
     log.info("data cache hit: %s", folder)
     return {s: pd.read_parquet(folder / f"{s}.parquet") for s in SOURCE_SPLITS}
@@ -151,8 +155,7 @@ def _write_normalised_texts(frames: dict[str, pd.DataFrame], folder: Path) -> li
             texts = frames[split]["text"]
             if not texts.map(lambda t: isinstance(t, str)).all():
                 return []
-            pd.DataFrame({"text": texts.map(normalise_text)}).to_parquet(folder / name,
-                                                                         index=False)
+            pd.DataFrame({"text": texts.map(normalise_text)}).to_parquet(folder / name, index=False)
     except (pa.ArrowException, TypeError, ValueError):
         return []
     return list(_TEXT_FILES.values())
@@ -393,8 +396,9 @@ def _load_url(url: str, folder: Path) -> dict[str, pd.DataFrame]:
     """The archive at `url`, downloaded and extracted beside the cache `folder` under a
     temporary name of its own (so the next builder removes what a killed one left)."""
     expected = expected_sha256(url)
-    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.download-", suffix=".tmp",
-                                     dir=folder.parent) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=f".{folder.name}.download-", suffix=".tmp", dir=folder.parent
+    ) as tmp:
         archive = Path(tmp) / "aclImdb_v1.tar.gz"
         fetch(url, archive, expected)
         target = Path(tmp) / "extracted"
@@ -501,8 +505,11 @@ def check_url(url: str) -> None:
         raise ValueError(f"data URL {url!r}: {address} is not a public address; {_OPT_IN}")
 
 
-def connect_public(address: tuple[str, int], timeout: float | None = None,
-                   source_address: tuple[str, int] | None = None) -> socket.socket:
+def connect_public(
+    address: tuple[str, int],
+    timeout: float | None = None,
+    source_address: tuple[str, int] | None = None,
+) -> socket.socket:
     """socket.create_connection that resolves the host once, refuses it unless every address
     is public, then connects to those addresses (no second lookup that could answer
     otherwise). Raises ValueError before any connection."""
@@ -511,8 +518,10 @@ def connect_public(address: tuple[str, int], timeout: float | None = None,
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     private = [a for a in addresses if not ipaddress.ip_address(a).is_global]
     if private:
-        raise ValueError(f"refusing to connect to {host}: it resolves to {', '.join(private)}, "
-                         f"not a public address; {_OPT_IN}")
+        raise ValueError(
+            f"refusing to connect to {host}: it resolves to {', '.join(private)}, "
+            f"not a public address; {_OPT_IN}"
+        )
     error: OSError | None = None
     for ip in addresses:
         try:
@@ -553,8 +562,9 @@ def _opener() -> urllib.request.OpenerDirector:
     if private_urls_allowed():
         return urllib.request.build_opener()  # urllib's own: http, any address, env proxies
     # No proxies: through one, the address finally connected to could not be checked.
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHTTPSHandler(),
-                                       _CheckedRedirects())
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), _PublicHTTPSHandler(), _CheckedRedirects()
+    )
 
 
 def safe_extract(archive: Path, target: Path) -> None:
