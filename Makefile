@@ -49,7 +49,7 @@ $(MLFLOW_DONE): scripts/mlflow_server.constraints.txt scripts/mlflow_server.sh
 # session's smoke run, the dag.test run) stay in one worker, and those groups start first
 # (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(SETUP_DONE) $(MLFLOW_DONE)  ## the whole suite, slow tests included (what CI runs)
 	$(PYTEST)
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from tasks.config import ExperimentConfig
 from tasks.paths import RunPaths, atomic_path, write_json
-from tasks.sources import SOURCE_SPLITS, UnreadableData, load_full_splits
+from tasks.sources import SOURCE_SPLITS, UnreadableData, load_full_splits, normalised_texts
 from tasks.text import normalise as normalise_text
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,10 @@ def download_dataset(config: ExperimentConfig, paths: RunPaths) -> dict[str, str
         from tasks.validate import refuse_unreadable
 
         refuse_unreadable(paths, str(err))  # validation.json says why, then it raises
-    texts = {s: full[s]["text"].map(lambda t: normalise_text(t) if isinstance(t, str) else t)
-             for s in SOURCE_SPLITS}
+    texts = normalised_texts(config.data, paths.cache_dir)
+    if texts is None or any(len(texts[s]) != len(full[s]) for s in SOURCE_SPLITS):
+        texts = {s: full[s]["text"].map(lambda t: normalise_text(t) if isinstance(t, str) else t)
+                 for s in SOURCE_SPLITS}
     pools, removed = unique_pools(texts)
     need = {"train": config.train_size + config.val_size, "test": config.test_size}
     for split, rows in need.items():

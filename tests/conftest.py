@@ -169,32 +169,57 @@ def airflow(airflow_server):
     return airflow_server
 
 
-# Fixtures too costly to build twice: every test that uses one runs in the same pytest-xdist
-# worker (`make test` runs two), in the group named here; the groups start first, longest
-# first, so that they overlap the rest of the suite instead of trailing it.
-SHARED_RUNS = {"cluster": "cluster", "airflow": "airflow", "smoke_all": "smoke-all",
-               "smoke_run_with_a_broken_variant": "dag-test"}
+# The session's costly shared runs, by the test files that read them: each group runs in one
+# pytest-xdist worker (`make test` runs two), so that a run is built once, and the groups
+# start first, in this order, so that they overlap the rest of the suite instead of
+# trailing it. A test elsewhere that uses one of these fixtures is refused at collection.
+SHARED_RUNS = {
+    "cluster": ("tests/cluster/",),
+    "airflow": ("tests/dags/test_scheduler.py", "tests/plugins/test_report_tab_browser.py"),
+    "smoke-all": ("tests/tasks/test_cli.py", "tests/tasks/test_bitfit.py",
+                  "tests/tasks/test_report_browser.py"),
+    "dag-test": ("tests/dags/test_dag_run.py",),
+}
+FIXTURE_GROUPS = {"airflow": "airflow", "smoke_all": "smoke-all",
+                  "smoke_run_with_a_broken_variant": "dag-test"}
 
 
-def _group(item) -> str:
-    """The item's xdist group: the shared run it reads, else its module (module-scoped
-    fixtures are then built once)."""
-    names = set(getattr(item, "fixturenames", ()))
-    if item.get_closest_marker("cluster"):
-        return "cluster"
-    return next((group for name, group in SHARED_RUNS.items() if name in names),
-                item.nodeid.split("::")[0])
+def group_of(nodeid: str) -> str:
+    """The test's xdist group: its shared run, else its file (module-scoped fixtures are
+    then built once)."""
+    path = nodeid.split("::")[0]
+    return next((group for group, files in SHARED_RUNS.items()
+                 if any(path.startswith(f) for f in files)), path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with the groups above as scopes. (xdist's own `loadgroup` reads
+    `xdist_group` marks by rewriting node ids, which pytest 9 no longer allows.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return SharedRunScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
-    """Tests of one shared run go together, first (xdist hands out whole groups in this
-    order: `--dist loadgroup --no-loadscope-reorder`); the real Airflow's tests one after
-    another, so that it can stop right after the last (pytest_runtest_teardown)."""
-    order = list(SHARED_RUNS.values())
-    groups = {item: _group(item) for item in items}
-    items.sort(key=lambda item: order.index(groups[item]) if groups[item] in order else len(order))
+    """The shared runs' tests first, group by group, in file order within a group (the real
+    Airflow's one after another, so that it can stop right after the last of them:
+    pytest_runtest_teardown)."""
+    order = list(SHARED_RUNS)
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
+        names = set(getattr(item, "fixturenames", ()))
+        for fixture, group in FIXTURE_GROUPS.items():
+            if fixture in names and group_of(item.nodeid) != group:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses `{fixture}`: list its file in SHARED_RUNS[{group!r}] "
+                    "(tests/conftest.py), or it builds a second one in another worker")
+    rank = {group: i for i, group in enumerate(order)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(order)))
 
 
 def pytest_runtest_teardown(item, nextitem):

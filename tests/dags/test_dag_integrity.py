@@ -56,10 +56,25 @@ def test_dag_parses_without_errors_and_without_the_ml_stack():
 
 
 def test_schedule_comes_from_loraflow_schedule():
-    assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "none"})["timetable"] == "NullTimetable"
-    assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "0 3 * * 1"})["cron"] == "0 3 * * 1"
-    assert _parse_in_fresh_process({"LORAFLOW_SCHEDULE": "asset"})["timetable"] == \
-        "AssetTriggeredTimetable"
+    # one fresh process parses the DAG file once per value, as a DAG processor started
+    # with that value would (the file reads LORAFLOW_SCHEDULE when it is parsed)
+    script = textwrap.dedent(f"""
+        import json, os
+        from airflow.dag_processing.dagbag import DagBag
+        found = {{}}
+        for value in ("none", "0 3 * * 1", "asset"):
+            os.environ["LORAFLOW_SCHEDULE"] = value
+            dag = DagBag(dag_folder={str(DAGS_DIR)!r}).dags[{DAG_ID!r}]
+            found[value] = [type(dag.timetable).__name__, getattr(dag.timetable, "expression", None)]
+        print(json.dumps(found))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=airflow_env(), capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["none"][0] == "NullTimetable"
+    assert found["0 3 * * 1"][1] == "0 3 * * 1"
+    assert found["asset"][0] == "AssetTriggeredTimetable"
 
 
 def test_unpausing_waits_for_the_next_weekly_slot_instead_of_running_a_past_one(dag, monkeypatch):

@@ -140,6 +140,22 @@ def test_validation_is_disjoint_from_train_and_deterministic(smoke_run, artifact
     assert set(_frames(reseeded)["train"]["source_index"]) != train
 
 
+@pytest.mark.usefixtures("private_cache")  # the cache's first build is watched
+def test_the_cache_normalises_each_text_once_for_every_later_run(smoke_run, monkeypatch):
+    config, paths = smoke_run
+    data.download_dataset(config, paths)  # builds the cache, normalised texts included
+    first = _frames(paths)
+
+    def refuse(text):
+        raise AssertionError("a cached source was normalised again")
+
+    monkeypatch.setattr("tasks.data.normalise_text", refuse)
+    other = RunPaths.for_run("again", paths.artifacts, paths.reports)
+    data.download_dataset(config, other)
+    for split, frame in _frames(other).items():
+        pd.testing.assert_frame_equal(frame, first[split])
+
+
 def test_test_subset_is_drawn_from_its_own_random_stream(smoke_run, imdb_dir):
     """IMDB's splits list their labels in the same order; shuffled with the same seed, the
     test subset's labels were the first training rows' labels, row for row."""

@@ -58,6 +58,15 @@ def _data(html: str) -> dict:
     return json.loads(match.group(1))
 
 
+@pytest.fixture(autouse=True)
+def _figures_only_where_read(request, monkeypatch):
+    """The figures take most of a report's time (matplotlib): the module's shared
+    `full_run` has them (built before this runs), and so do the tests marked `figures`;
+    the others, which read the page's text, tables and summary, build theirs without."""
+    if "figures" not in request.keywords:
+        monkeypatch.setattr("tasks.report._draw", lambda *args, **kwargs: None)
+
+
 def _report(tmp_path, **kwargs):
     """(html, summary, report folder) of a fixture run."""
     paths = make_run(tmp_path, **kwargs)
@@ -486,6 +495,7 @@ def test_markup_and_formulas_never_reach_the_markdown_or_csv_unescaped(tmp_path)
     assert not [c for c in cells if c[:1] == "-" and not re.fullmatch(r"-[\d.e+-]+", c)]
 
 
+@pytest.mark.figures
 def test_report_is_byte_stable(full_run):
     paths, report, html = full_run
     folder = report.parent
@@ -591,6 +601,7 @@ def test_build_report_refuses_a_missing_run_folder(tmp_path):
         build_report(tmp_path / "nope", tmp_path / "reports")
 
 
+@pytest.mark.figures
 def test_odd_stored_values_become_notes_not_crashes(tmp_path):
     paths = make_run(tmp_path)
     write_json(paths.validation_json, ["not", "an", "object"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import pytest
 
@@ -52,22 +50,20 @@ def test_real_imdb_subset_passes_and_summary_is_written(smoke_run, tmp_path, mon
 
 
 @pytest.mark.parametrize("preset", ["seed", "paper"])
-def test_preset_subsets_of_real_imdb_pass_within_seconds(artifacts, imdb_dir, preset):
+def test_preset_subsets_of_real_imdb_pass_validation(artifacts, imdb_dir, preset):
     """The seed notebook's 5,000 / 1,000 and every distinct review of both splits (22,402
     train and 2,500 validation reviews, 24,676 test; IMDB holds 98 + 201 duplicated
     normalised texts and 123 test texts also in train, removed before drawing)."""
     from tasks.pipeline import prepare_run
 
-    # methods that need no model: the hub's DistilBERT is out of reach here
-    config = preset_config(preset, data=str(imdb_dir), methods=["majority"])
+    # prepare checks the model whatever the methods; the hub's DistilBERT is out of reach here
+    config = preset_config(preset, data=str(imdb_dir), methods=["majority"],
+                           model="embedded-minilm")
     paths = prepare_run(config, f"validate-{preset}", artifacts, artifacts.parent / "reports")
     data.download_dataset(config, paths)
-    started = time.perf_counter()
-    validate_dataset(config, paths)
-    seconds = time.perf_counter() - started
+    validate_dataset(config, paths)  # its time: bench/, not here (~0.3 s / ~1.6 s measured)
     summary = read_json(paths.validation_json)
     assert summary["success"] is True
-    assert seconds < 15, f"validation took {seconds:.1f} s"  # measured ~0.3 s / ~1.6 s here
     if preset == "paper":  # the whole training split is train + validation
         frames = {s: pd.read_parquet(paths.split_parquet(s)) for s in ("train", "validation",
                                                                        "test")}
