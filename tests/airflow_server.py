@@ -79,6 +79,19 @@ class Airflow:
                                 params={"asset_id": self.asset_id(name), **params})
         return found.raise_for_status().json()["asset_events"]
 
+    def callback_log(self) -> str:
+        """What the DAG processor said about the DAG-level callbacks (where notifications are
+        sent) and about processors it killed: for the message of a test that waited in vain."""
+        lines = []
+        for log in sorted((self.home / "logs" / "dag_processor").rglob("*.log")):
+            lines += [line for line in log.read_text(errors="replace").splitlines()
+                      if any(w in line for w in ("callback", "notification", "error", "Error"))]
+        manager = self.home.parent / "dag-processor.log"
+        if manager.exists():
+            lines += [line for line in manager.read_text(errors="replace").splitlines()
+                      if "Killing it" in line or "callback" in line.lower()]
+        return "\n".join(lines[-40:])
+
     def delete_runs(self) -> None:
         """Forget every DAG run, so that a test starts from an Airflow that ran nothing."""
         for run in self.runs():
@@ -114,6 +127,9 @@ def running_airflow(root: Path, env: dict[str, str], migrated_db: Path) -> Itera
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),  # not 8793: may be taken
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        # The DAG processor runs the run callbacks that send notifications; on a loaded
+        # 2-core machine its default 50 s limit per file could kill one with its callbacks.
+        "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "300",
         "LORAFLOW_ARTIFACTS": str(root / "artifacts"),
         "LORAFLOW_REPORTS": str(root / "reports"),
         "HF_HUB_OFFLINE": "1",

@@ -107,16 +107,26 @@ def test_a_failed_run_notifies_nobody_without_the_connection(airflow, imdb_dir):
     _wait("the failure callback", callback_done, timeout=120)  # the mailbox is checked last
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_a_failed_run_sends_one_message_through_the_connection(airflow, imdb_dir, mailbox):
-    port, _ = mailbox
+    port, received = mailbox
     extra = {"from_email": "loraflow@example.com", "to": "ml-team@example.com",
              "disable_ssl": True, "disable_tls": True}
     created = airflow.client.post("/api/v2/connections", json={
         "connection_id": NOTIFY_CONN, "conn_type": "smtp", "host": "127.0.0.1", "port": port,
         "extra": json.dumps(extra)})
     assert created.status_code == 201, created.text
-    RUN_IDS["failed"] = _failing_run(airflow, imdb_dir)
+    run_id = RUN_IDS["failed"] = _failing_run(airflow, imdb_dir)
+    _wait_for_message(airflow, received, f"[loraflow] run {run_id} failed")
+
+
+def _wait_for_message(airflow, received: list, subject: str, timeout: float = 150) -> None:
+    try:
+        _wait(f"the message {subject!r}", lambda: any(m["Subject"] == subject for m in received),
+              timeout=timeout)
+    except TimeoutError as err:
+        raise AssertionError(f"{err}; the mailbox holds {[m['Subject'] for m in received]}; "
+                             f"the DAG processor said:\n{airflow.callback_log()}") from None
 
 
 @pytest.mark.timeout(480)
@@ -203,12 +213,11 @@ def test_a_data_asset_event_starts_a_smoke_sweep_whose_report_events_start_the_e
     assert value["run_id"] == run_id and value["report_url"] == extra["report_url"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_the_mailbox_holds_one_message_per_run_with_the_connection(airflow, mailbox):
     _, received = mailbox
     assert set(RUN_IDS) == {"failed, no connection", "failed", "success"}, RUN_IDS
-    _wait("the success message", lambda: any("succeeded" in m["Subject"] for m in received),
-          timeout=90)
+    _wait_for_message(airflow, received, f"[loraflow] run {RUN_IDS['success']} succeeded")
     subjects = sorted(m["Subject"] for m in received)
     assert subjects == sorted([f"[loraflow] run {RUN_IDS['failed']} failed",
                                f"[loraflow] run {RUN_IDS['success']} succeeded"])
