@@ -7,6 +7,9 @@ export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/airflow_home}"
 export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$ROOT/dags}"
 export AIRFLOW__CORE__PLUGINS_FOLDER="${AIRFLOW__CORE__PLUGINS_FOLDER:-$ROOT/plugins}"  # the Report tab
 export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
+# Airflow's LocalExecutor, whose workers start with torch & co. imported: each task process
+# forked from them skips seconds of imports (tasks/preload.py).
+export AIRFLOW__CORE__EXECUTOR="${AIRFLOW__CORE__EXECUTOR:-tasks.preload.PreloadingLocalExecutor}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # `airflow standalone` starts its components as `airflow ...` from PATH.
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -261,14 +261,30 @@ def _one_step(args, config: ExperimentConfig, paths) -> int:
 def _allow_the_given_folder(args: argparse.Namespace) -> None:
     """`--data FOLDER` on the command line is allowed wherever it is: the data roots
     (tasks.sources.data_roots) guard what a trigger form may name, not what the person at
-    this shell may read. An explicit $LORAFLOW_DATA_ROOTS still rules."""
+    this shell may read. So is the folder of the run a step continues (`--run-dir`), which
+    `loraflow step prepare --data FOLDER` recorded. An explicit $LORAFLOW_DATA_ROOTS still
+    rules."""
     from tasks.sources import data_roots
 
-    data = getattr(args, "data", None)
+    data = getattr(args, "data", None) or _data_of_the_run(getattr(args, "run_dir", None))
     if not data or data == "hub" or "://" in data or os.environ.get("LORAFLOW_DATA_ROOTS"):
         return
     folder = Path(data).expanduser().resolve()
     os.environ["LORAFLOW_DATA_ROOTS"] = os.pathsep.join(map(str, [*data_roots(), folder]))
+
+
+def _data_of_the_run(run_dir: str | None) -> str | None:
+    """The data source recorded in a prepared run's config.json; None without one (the
+    step then says that prepare has not run)."""
+    from tasks.paths import RunPaths, read_json
+
+    if not run_dir:
+        return None
+    try:
+        data = read_json(RunPaths.from_run_dir(run_dir).config_json).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, str) else None
 
 
 def main(argv: list[str] | None = None) -> int:

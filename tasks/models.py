@@ -9,18 +9,14 @@ for tests and the smoke preset). The last two never touch the network.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+# The model classes (torch, transformers' modeling code) are imported where a model is
+# built: the tokenize step, which needs the tokenizer alone, starts seconds sooner.
+from transformers import AutoConfig, AutoTokenizer, DistilBertConfig, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_MINILM = "embedded-minilm"
 TINY_DISTILBERT = "tiny-distilbert"
@@ -66,6 +62,9 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
 def load_classifier(source: str, num_labels: int = 2, seed: int = 0) -> PreTrainedModel:
     """A sequence classifier; its head is freshly initialised (seeded) unless the source
     already has one for `num_labels` labels."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, DistilBertForSequenceClassification
+
     torch.manual_seed(seed)
     if source == TINY_DISTILBERT:
         return DistilBertForSequenceClassification(tiny_distilbert_config()).eval()
@@ -96,6 +95,9 @@ def load_config(source: str, num_labels: int = 2) -> PretrainedConfig:
 def skeleton(source: str) -> PreTrainedModel:
     """The sequence classifier's modules on the meta device: names and shapes, no memory,
     no download of weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     config = load_config(source)
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(config)

@@ -61,11 +61,26 @@ def device_name(device: str) -> str:
 
 @functools.cache
 def _stack() -> dict[str, Any]:
-    import torch
-    import transformers
+    # Read from the installed packages, not by importing them: a baseline's task process
+    # would otherwise import torch and transformers (seconds) only to name their versions.
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "cuda": torch.version.cuda or "none (CPU build)",
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    return {"torch": version("torch"), "cuda": _torch_cuda() or "none (CPU build)",
+            "transformers": version("transformers"), "python": platform.python_version()}
+
+
+def _torch_cuda() -> str | None:
+    """The CUDA version torch was built for: `torch.version.cuda`, read from its file
+    when torch is not imported yet (it holds constants only)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"].version.cuda
+    import importlib.util
+    import runpy
+
+    spec = importlib.util.find_spec("torch")
+    return runpy.run_path(str(Path(spec.origin).with_name("version.py"))).get("cuda")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")

@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from tasks import registry
 from tasks.checkpoint import load_checkpoint, save_checkpoint, training_fingerprint
@@ -66,6 +65,20 @@ log = logging.getLogger(__name__)
 ProgressHook = Callable[[list[dict[str, Any]], list[dict[str, Any]]], None]
 GROUP_CHUNK_BATCHES = 50  # length-sorting window, as transformers' LengthGroupedSampler
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward: evaluation affords larger batches
+
+
+def linear_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup: int,
+                                total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' `get_linear_schedule_with_warmup`, step for step (the same LambdaLR,
+    so its checkpoints load either way): up from 0 over `warmup` steps, then down to 0 at
+    `total`. Importing it from transformers costs each training process seconds (it pulls
+    in the Trainer's utilities and PEFT)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int) -> None:
@@ -160,7 +173,7 @@ def fit(model: torch.nn.Module, train_df: pd.DataFrame, val_df: pd.DataFrame, *,
     warmup = min(config.warmup_steps, total_steps // 10)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr,
                                   **optimizer_options(device))
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = linear_schedule_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # bf16 needs none
     fingerprint = training_fingerprint(model, train_df, val_df, lr=lr, config=config, seed=seed,
                                        precision=precision_label(dtype))

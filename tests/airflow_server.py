@@ -116,7 +116,7 @@ def running_airflow(root: Path, env: dict[str, str], migrated_db: Path) -> Itera
         **env,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": "tasks.preload.PreloadingLocalExecutor",  # as make ui
         "AIRFLOW__CORE__PARALLELISM": "3",  # room for 3 tasks at once: the pool must hold them back
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),  # shared by every component
@@ -130,6 +130,9 @@ def running_airflow(root: Path, env: dict[str, str], migrated_db: Path) -> Itera
         # The DAG processor runs the run callbacks that send notifications; on a loaded
         # 2-core machine its default 50 s limit per file could kill one with its callbacks.
         "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "300",
+        # The DAG files do not change during the tests: parse them at start, not every 30 s
+        # (callbacks are still run at once); two cores are shared with the other tests.
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
         "LORAFLOW_ARTIFACTS": str(root / "artifacts"),
         "LORAFLOW_REPORTS": str(root / "reports"),
         "HF_HUB_OFFLINE": "1",

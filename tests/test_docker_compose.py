@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 EXECUTION_API_URL = "http://airflow-api-server:8080/execution/"
 
-# Options of apache-airflow-providers-celery 3.26.0 (its get_provider_info()) that the
-# deployments may set; read from here so the test runs without the provider.
-CELERY_PROVIDER_OPTIONS = {
-    ("celery", "broker_url"), ("celery", "result_backend"), ("celery", "worker_concurrency"),
-    ("celery", "worker_prefetch_multiplier"), ("celery", "task_acks_late"),
-    ("celery_broker_transport_options", "visibility_timeout"),
-}
+def celery_provider_options() -> set[tuple[str, str]]:
+    """The options the installed celery provider declares, as (section, key)."""
+    from airflow.providers.celery.get_provider_info import get_provider_info
+
+    return {(section, key) for section, spec in get_provider_info()["config"].items()
+            for key in spec["options"]}
+
 
 _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
@@ -361,7 +361,7 @@ def test_every_airflow_setting_is_a_real_config_option(services):
     config_yml = Path(airflow.__file__).parent / "config_templates" / "config.yml"
     template = yaml.safe_load(config_yml.read_text())
     known = {(section, key) for section, spec in template.items() for key in spec["options"]}
-    known |= CELERY_PROVIDER_OPTIONS
+    known |= celery_provider_options()
     used = {var for s in airflow_services(services).values() for var in environment(s)
             if var.startswith("AIRFLOW__")}
     for var in used:

@@ -152,6 +152,8 @@ def cluster(tmp_path_factory, imdb_dir):
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
         # A broker restart loses the queued messages: send them again after 2 min, not 10.
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "120",
+        # The DAG file does not change during the tests: parse it at start, not every 30 s.
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "LORAFLOW_PROGRESS": "0",
@@ -240,6 +242,10 @@ def test_components_share_the_deployment_settings(cluster):
     if cluster.state["gpus"]:
         assert len({env["CUDA_VISIBLE_DEVICES"] for env in gpu}) == GPU_WORKERS
     assert cluster.api.get("/api/v2/pools/gpu")["slots"] == GPU_WORKERS
+    for name, worker in cluster.workers.items():  # tasks/preload.py, before the pool forks
+        said = [line for line in Path(worker["log"]).read_text(errors="replace").splitlines()
+                if "loraflow: imported the ML stack" in line]
+        assert len(said) == 1 and "not imported" not in said[0], (name, said)
     assert cluster.api.get(f"/api/v2/dags/{DAG_ID}")["is_paused"] is True  # as in docker/
 
 

@@ -82,6 +82,13 @@ def test_dag_starts_paused_and_unpauses_through_the_api(airflow):
     assert dag.json()["next_dagrun_run_after"] is None
     assert dag.json()["timetable_summary"] == "Asset"
     assert airflow.runs() == []
+    # The LocalExecutor forked its workers with the ML stack imported (tasks/preload.py).
+    def preloaded():
+        return [line for line in (airflow.home.parent / "scheduler.log").read_text().splitlines()
+                if "loraflow: the LocalExecutor imported the ML stack" in line]
+
+    said = _wait("the scheduler's LocalExecutor to start", preloaded, timeout=60)
+    assert len(said) == 1 and "not imported" not in said[0], said
 
 
 @pytest.mark.parametrize("conf, field", [

@@ -101,6 +101,11 @@ def test_a_folder_given_on_the_command_line_is_allowed_outside_the_data_roots(
         parse_source(str(own))  # what prepare says to a trigger conf naming it
     argv = ["step", "prepare", "--preset", "smoke", "--data", str(own), *TINY, "--run-id", "own"]
     assert main(argv) == 0, capsys.readouterr().err
+    # the next steps of that run read the folder it recorded, as a new shell would
+    monkeypatch.delenv("LORAFLOW_DATA_ROOTS")
+    run_dir = tmp_path / "a" / "runs" / "own"
+    assert main(["step", "download", "--run-dir", str(run_dir)]) == 0, capsys.readouterr().err
+    assert len(pd.read_parquet(run_dir / "data" / "test.parquet")) == 32  # --test-size
     monkeypatch.setenv("LORAFLOW_DATA_ROOTS", str(imdb_dir))
     assert main([*argv[:-1], "own-2"]) == 2
     assert "outside the allowed" in capsys.readouterr().err

@@ -4,8 +4,11 @@ device name, host, precision and the model's weights hash, in its metrics.json."
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import transformers
@@ -38,6 +41,7 @@ def test_without_git_the_commit_comes_from_the_environment(tmp_path, monkeypatch
 
 
 def test_variant_provenance_names_versions_device_host_and_precision():
+    provenance._stack.cache_clear()
     p = provenance.variant_provenance("cpu", "bf16", "tiny-distilbert")
     assert (p["torch"], p["transformers"]) == (torch.__version__, transformers.__version__)
     assert p["cuda"] == (torch.version.cuda or "none (CPU build)")
@@ -84,3 +88,16 @@ def test_a_variants_metrics_json_records_where_it_ran(run, monkeypatch):
             assert p["model_weights"].startswith(weights)
         else:  # majority never loads the model
             assert p["model_weights"] is None
+
+
+def test_a_baseline_names_the_stack_without_importing_torch():
+    """A baseline's task process records torch's and transformers' versions as an encoder
+    variant does, without the seconds of importing them."""
+    code = ("import sys, json; from tasks import provenance; "
+            "p = provenance.variant_provenance('cpu', None); "
+            "print(json.dumps([p['torch'], p['cuda'], p['transformers'], "
+            "'torch' in sys.modules, 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    assert json.loads(out) == [torch.__version__, torch.version.cuda or "none (CPU build)",
+                               transformers.__version__, False, False]

@@ -363,3 +363,26 @@ def test_loss_decreases_and_held_out_accuracy_rises_on_a_learnable_task(smoke_co
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
     assert result.eval_history[0]["accuracy"] < 0.9 <= result.eval_history[-1]["accuracy"]
     assert result.eval_history[-1]["loss"] < result.eval_history[0]["loss"]
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 7), (3, 10), (10, 10), (1, 1)])
+def test_the_schedule_is_transformers_linear_warmup_step_for_step(warmup, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    def lrs(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, seen = make(optimizer, warmup, total), []
+        for _ in range(total + 2):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen, scheduler.state_dict()
+
+    ours, our_state = lrs(train.linear_schedule_with_warmup)
+    theirs, their_state = lrs(get_linear_schedule_with_warmup)
+    assert ours == pytest.approx(theirs, abs=0) and ours[-1] == 0.0
+    # a checkpoint's scheduler state from either loads into the other
+    scheduler = train.linear_schedule_with_warmup(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5), warmup, total)
+    scheduler.load_state_dict(their_state)
+    assert scheduler.get_last_lr() == their_state["_last_lr"]
