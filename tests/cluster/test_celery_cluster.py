@@ -243,8 +243,11 @@ def test_components_share_the_deployment_settings(cluster):
         assert len({env["CUDA_VISIBLE_DEVICES"] for env in gpu}) == GPU_WORKERS
     assert cluster.api.get("/api/v2/pools/gpu")["slots"] == GPU_WORKERS
     for name, worker in cluster.workers.items():  # tasks/preload.py, before the pool forks
-        said = [line for line in Path(worker["log"]).read_text(errors="replace").splitlines()
-                if "loraflow: imported the ML stack" in line]
+        def preloaded(log=Path(worker["log"])):
+            return [line for line in log.read_text(errors="replace").splitlines()
+                    if "loraflow: the Celery worker imported the ML stack" in line]
+
+        said = cluster_processes.wait_for(f"{name} to import the ML stack", preloaded, 120)
         assert len(said) == 1 and "not imported" not in said[0], (name, said)
     assert cluster.api.get(f"/api/v2/dags/{DAG_ID}")["is_paused"] is True  # as in docker/
 
