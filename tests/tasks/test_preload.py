@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tasks import preload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +33,7 @@ def test_the_deployments_point_airflow_at_these_settings(monkeypatch):
     assert conf.getimport("celery", "celery_config_options") is DEFAULT_CELERY_CONFIG
 
 
+@pytest.mark.slow  # imports the whole stack in a fresh process
 def test_only_a_starting_celery_worker_imports_the_stack_and_its_forks_inherit_it():
     seen = _run("""
 import json, os, sys
@@ -51,6 +54,7 @@ print(json.dumps({"before": before, "after": after, "child": json.loads(os.read(
     assert seen["child"] == sorted(preload.PRELOAD)
 
 
+@pytest.mark.slow  # imports the whole stack in a fresh process
 def test_the_local_executor_imports_the_stack_before_it_forks_its_workers():
     seen = _run("""
 import json, sys
