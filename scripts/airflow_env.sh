@@ -9,7 +9,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER="${AIRFLOW__CORE__PLUGINS_FOLDER:-$ROOT/plu
 export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
 # Airflow's LocalExecutor, whose workers start with torch & co. imported: each task process
 # forked from them skips seconds of imports (tasks/preload.py).
-export AIRFLOW__CORE__EXECUTOR="${AIRFLOW__CORE__EXECUTOR:-tasks.preload.PreloadingLocalExecutor}"
+export AIRFLOW__CORE__EXECUTOR="${AIRFLOW__CORE__EXECUTOR:-tasks.preload.LocalExecutor}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # `airflow standalone` starts its components as `airflow ...` from PATH.
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -7,12 +7,12 @@ report stack: seconds per task, on every task of every run. Here the worker impo
 once, when it starts, so every task process it forks begins with them in memory, shared
 copy-on-write:
 
-- Celery: `CELERY_CONFIG` is Airflow's own settings; importing it connects a handler to
-  Celery's `celeryd_init` signal, sent only in `celery worker` (never in the scheduler that
-  reads the same settings). docker/airflow.env points `[celery] celery_config_options` here,
-  for `make cluster` and the Compose deployment alike.
-- LocalExecutor (`make ui`, the tests' Airflow): `PreloadingLocalExecutor` imports the stack
-  in the scheduler before it forks its workers (scripts/airflow_env.sh sets it).
+- Celery: docker/airflow.env points `[celery] celery_config_options` at `CELERY_CONFIG`
+  (Airflow's own settings), for `make cluster` and the Compose deployment alike. Reading
+  it imports this module, which connects a handler to Celery's `celeryd_init` signal,
+  sent only in `celery worker` (never in the scheduler that reads the same settings).
+- LocalExecutor (`make ui`, the tests' Airflow): `tasks.preload.LocalExecutor` imports the
+  stack in the scheduler before it forks its workers (scripts/airflow_env.sh sets it).
 
 Importing torch starts no thread and touches no GPU, so forking after it is safe; CUDA is
 first initialised in the task process (tasks.variants). An import that fails (a worker image
@@ -25,7 +25,7 @@ import importlib
 import sys
 import time
 
-from airflow.executors.local_executor import LocalExecutor
+from airflow.executors import local_executor
 
 # What loraflow's tasks import (their heavy parts): data steps, methods, training, report.
 PRELOAD = ("pandas", "pyarrow.parquet", "sklearn.metrics", "torch", "transformers",
@@ -62,17 +62,27 @@ def _in_the_celery_worker(**_) -> None:
 
 
 try:  # the `celery` extra: a Celery deployment
-    from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
     from celery.signals import celeryd_init
 except ImportError:  # without it, the LocalExecutor alone
     pass
 else:
-    CELERY_CONFIG = DEFAULT_CELERY_CONFIG  # Airflow's settings, unchanged
     celeryd_init.connect(_in_the_celery_worker)
 
 
-class PreloadingLocalExecutor(LocalExecutor):
-    """Airflow's LocalExecutor, whose workers are forked with the ML stack imported."""
+def __getattr__(name: str):
+    # CELERY_CONFIG, read only where Celery is configured: importing Airflow's Celery
+    # settings logs warnings about Celery options that a LocalExecutor does not have
+    if name == "CELERY_CONFIG":
+        from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
+
+        return DEFAULT_CELERY_CONFIG  # Airflow's settings, unchanged
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class LocalExecutor(local_executor.LocalExecutor):
+    """Airflow's LocalExecutor, whose workers are forked with the ML stack imported. Same
+    class name: Airflow recognises a local executor by it (e.g. the simple auth manager's
+    production warning)."""
 
     def start(self) -> None:
         if self.is_mp_using_fork:  # spawned workers would start bare anyway

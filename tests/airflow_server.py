@@ -116,7 +116,7 @@ def running_airflow(root: Path, env: dict[str, str], migrated_db: Path) -> Itera
         **env,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-        "AIRFLOW__CORE__EXECUTOR": "tasks.preload.PreloadingLocalExecutor",  # as make ui
+        "AIRFLOW__CORE__EXECUTOR": "tasks.preload.LocalExecutor",  # as make ui
         "AIRFLOW__CORE__PARALLELISM": "3",  # room for 3 tasks at once: the pool must hold them back
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),  # shared by every component

@@ -58,8 +58,8 @@ print(json.dumps({"before": before, "after": after, "child": json.loads(os.read(
 def test_the_local_executor_imports_the_stack_before_it_forks_its_workers():
     seen = _run("""
 import json, sys
-from tasks.preload import PRELOAD, PreloadingLocalExecutor
-executor = PreloadingLocalExecutor(parallelism=1)
+from tasks.preload import PRELOAD, LocalExecutor
+executor = LocalExecutor(parallelism=1)
 before = [m for m in PRELOAD if m in sys.modules]
 executor.start()
 after = [m for m in PRELOAD if m in sys.modules]
@@ -75,3 +75,13 @@ def test_a_module_that_cannot_be_imported_is_reported_not_raised():
     failed = preload.preload(("json", "no_such_module_for_loraflow"))
     assert list(failed) == ["no_such_module_for_loraflow"]
     assert "ModuleNotFoundError" in failed["no_such_module_for_loraflow"]
+
+
+def test_airflow_takes_it_for_a_local_executor():
+    """`airflow standalone` keeps a local executor, and the simple auth manager warns about
+    a production-shaped deployment for anything else."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+    assert preload.LocalExecutor.is_local  # what `airflow standalone` checks
+    assert not SimpleAuthManager._looks_like_production(
+        sql_conn="sqlite:////tmp/airflow.db", api_host="127.0.0.1",
+        executor="tasks.preload.LocalExecutor")
