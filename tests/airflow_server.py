@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+from cryptography.fernet import Fernet
 
 from tests.dags.conftest import DAG_ID
 
@@ -120,6 +121,10 @@ def running_airflow(root: Path, env: dict[str, str], migrated_db: Path) -> Itera
         "AIRFLOW__CORE__PARALLELISM": "3",  # room for 3 tasks at once: the pool must hold them back
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),  # shared by every component
+        # Shared too: without it, each component that starts before airflow.cfg exists
+        # generates a key of its own, and the DAG processor cannot decrypt a connection
+        # the API server stored (the callbacks then find no connection to notify through).
+        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": url,
