@@ -28,9 +28,10 @@ import time
 from airflow.executors import local_executor
 
 # What loraflow's tasks import (their heavy parts): data steps, methods, training, report.
+# transformers' Auto model classes are a lazy attribute until used: their module by name.
 PRELOAD = ("pandas", "pyarrow.parquet", "sklearn.metrics", "torch", "transformers",
-           "tasks.models", "tasks.tokenize", "tasks.validate", "tasks.variants", "tasks.train",
-           "tasks.evaluate", "tasks.report")
+           "transformers.models.auto.modeling_auto", "tasks.models", "tasks.tokenize",
+           "tasks.validate", "tasks.variants", "tasks.train", "tasks.evaluate", "tasks.report")
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> dict[str, str]:
@@ -47,10 +48,6 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> dict[str, str]:
 def preload_and_say(who: str) -> None:
     start = time.monotonic()
     failed = preload()
-    if "transformers" not in failed:  # its model classes are lazy attributes until used
-        import transformers
-
-        transformers.AutoModelForSequenceClassification  # noqa: B018
     # Celery has not set its logging up yet: straight to the component's output
     print(f"loraflow: {who} imported the ML stack for the tasks in "
           f"{time.monotonic() - start:.1f} s" + (f"; not imported: {failed}" if failed else ""),
