@@ -184,6 +184,8 @@ def test_redis_config_from_the_secret_needs_the_password(tmp_path):
 
     import psutil
     import redis
+    import redis.backoff
+    import redis.retry
 
     raw = yaml.safe_load((DOCKER / "docker-compose.yaml").read_text())
     script = interpolate(raw, settings())["services"]["redis"]["entrypoint"][-1]
@@ -199,17 +201,19 @@ def test_redis_config_from_the_secret_needs_the_password(tmp_path):
     script += f" --port {port} --bind 127.0.0.1 --save '' --dir {tmp_path}"
     proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL)
     try:
-        client = redis.Redis(port=port, password="s3cret-Password")
+        # Wait for the port with a bare socket: redis-py's own retries back off for seconds.
         for _ in range(100):
             assert proc.poll() is None, "redis-server exited"
             try:
-                client.ping()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except redis.ConnectionError:
-                time.sleep(0.1)
+            except OSError:
+                time.sleep(0.05)
+        client = redis.Redis(port=port, password="s3cret-Password")
         assert client.ping()
+        no_retries = redis.retry.Retry(redis.backoff.NoBackoff(), 0)  # refused is final
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis(port=port).ping()
+            redis.Redis(port=port, retry=no_retries).ping()
         assert "s3cret-Password" not in " ".join(psutil.Process(proc.pid).cmdline())
         assert stat.S_IMODE(conf.stat().st_mode) == 0o600
     finally:

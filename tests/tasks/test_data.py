@@ -21,6 +21,7 @@ import pytest
 
 from tasks import data, sources
 from tasks.paths import PROJECT_DIR, SPLITS, RunPaths, read_json, sha256_file
+from tasks.sources import normalised_texts
 from tasks.text import normalise
 
 PER_CLASS = 12  # reviews per split and label in the test tarball
@@ -141,8 +142,14 @@ def test_validation_is_disjoint_from_train_and_deterministic(smoke_run, artifact
 
 
 @pytest.mark.usefixtures("private_cache")  # the cache's first build is watched
-def test_the_cache_normalises_each_text_once_for_every_later_run(smoke_run, monkeypatch):
+def test_the_cache_normalises_each_text_once_for_every_later_run(smoke_run, imdb_sample,
+                                                                  tmp_path, monkeypatch):
     config, paths = smoke_run
+    folder = tmp_path / "sample"  # real reviews, fewer than the full splits: a quick first build
+    folder.mkdir()
+    for split in ("train", "test"):
+        imdb_sample[split].to_parquet(folder / f"{split}.parquet")
+    config = config.with_overrides(data=str(folder))
     data.download_dataset(config, paths)  # builds the cache, normalised texts included
     first = _frames(paths)
 
@@ -164,8 +171,8 @@ def test_test_subset_is_drawn_from_its_own_random_stream(smoke_run, imdb_dir):
     data.download_dataset(config, paths)
     ours = _frames(paths)
     assert ours["test"]["label"].tolist() != ours["train"]["label"].tolist()
-    pools, _ = data.unique_pools({s: pd.read_parquet(imdb_dir / f"{s}.parquet")["text"].map(
-        normalise) for s in ("train", "test")})
+    # the normalised texts the download step cached (their normalisation is tested above)
+    pools, _ = data.unique_pools(normalised_texts(config.data, paths.cache_dir))
     order = pools["test"][data.shuffled(len(pools["test"]), (config.data_seed, data.TEST_STREAM))]
     assert ours["test"]["source_index"].tolist() == order[:300].tolist()
     order = pools["train"][data.shuffled(len(pools["train"]), config.data_seed)]

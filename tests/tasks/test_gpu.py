@@ -169,7 +169,7 @@ def test_k_plus_one_processes_contend_for_k_slots_and_only_k_hold_one(k, artifac
     monkeypatch.delenv("LORAFLOW_DEVICE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     env = {**os.environ, "LORAFLOW_TASKS_PER_GPU": str(k)}
-    procs = [contender(3.0, env) for _ in range(k + 1)]
+    procs = [contender(1.0, env) for _ in range(k + 1)]  # k hold; the last waits 1 s
     try:
         first = [p.stdout.readline().split() for p in procs]
         assert sorted(line[0] for line in first) == ["held"] * k + ["timeout"]
@@ -179,7 +179,7 @@ def test_k_plus_one_processes_contend_for_k_slots_and_only_k_hold_one(k, artifac
         # one holder lets go: a newcomer gets its slot
         holder = next(p for p, line in zip(procs, first, strict=True) if line[0] == "held")
         holder.communicate("\n", timeout=10)
-        late = contender(3.0, env)
+        late = contender(1.0, env)
         procs.append(late)
         assert late.stdout.readline().split() == ["held", "cuda:0"]
     finally:
