@@ -209,7 +209,9 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(items):
     """The shared runs' tests first, group by group, in file order within a group (the real
     Airflow's one after another, so that it can stop right after the last of them:
-    pytest_runtest_teardown)."""
+    pytest_runtest_teardown); then the files that hold a slow test, then the rest: the
+    costly files start early, and the suite ends on short ones instead of on one worker
+    finishing a long test while the others wait."""
     order = list(SHARED_RUNS)
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -219,7 +221,13 @@ def pytest_collection_modifyitems(items):
                     f"{item.nodeid} uses `{fixture}`: list its file in SHARED_RUNS[{group!r}] "
                     "(tests/conftest.py), or it builds a second one in another worker")
     rank = {group: i for i, group in enumerate(order)}
-    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(order)))
+    slow = {group_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+    def place(item) -> int:
+        group = group_of(item.nodeid)
+        return rank.get(group, len(order) + (group not in slow))
+
+    items.sort(key=place)
 
 
 def pytest_runtest_teardown(item, nextitem):

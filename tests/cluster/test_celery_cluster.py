@@ -404,16 +404,16 @@ def _api_server_killed(cluster: Cluster, run_id: str, ti: dict) -> str:
 
 
 def _fill(folder: Path) -> Path:
-    """Write zeros into `folder` until its filesystem is full; the file that holds them."""
+    """Append zeros to `folder`/filler.bin until its filesystem is full, to the last page
+    (a small LoRA checkpoint fits in less than a MiB); the file that holds them."""
     filler = folder / "filler.bin"
-    with open(filler, "wb") as f:
-        chunk = b"\0" * (1 << 20)
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError as err:
-            assert err.errno == errno.ENOSPC, err
+    with open(filler, "ab", buffering=0) as f:
+        for chunk in (b"\0" * (1 << 20), b"\0" * 4096):
+            try:
+                while True:
+                    f.write(chunk)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
     return filler
 
 
@@ -426,10 +426,15 @@ def _disk_filled(cluster: Cluster, run_id: str, ti: dict) -> str:
     filler = _fill(Path(root))
     try:
         def this_try_failed():
+            # The other variants' writes fail too and remove their temporary files: take
+            # that space again at once, or the next checkpoint fits in it and training goes
+            # on (the CI failure: no write of this try failed in 300 s).
+            _fill(Path(root))
             return [x for x in _quietly(cluster.api.tries, run_id, ti) or []
                     if x["try_number"] == ti["try_number"] and x["state"] in ("failed", "up_for_retry")]
 
-        failed = cluster_processes.wait_for("the training try to fail", this_try_failed, 300)[0]
+        failed = cluster_processes.wait_for("the training try to fail", this_try_failed, 300,
+                                            every=0.5)[0]
         log = _quietly(cluster.api.log, run_id, failed, failed["try_number"]) or []
         said = [line for line in log if f"no space left on device writing {root}" in line]
         assert said, "\n".join(log)

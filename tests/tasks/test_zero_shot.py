@@ -259,17 +259,19 @@ def test_choose_and_score_refuses_a_model_without_a_mode():
 
 @pytest.mark.slow
 def test_minilm_zero_shot_beats_the_majority_on_real_reviews(imdb_dir):
-    # 200 validation reviews from the train split, 400 test reviews, both drawn with seed 7
+    # 200 validation reviews from the train split, 400 test reviews, both drawn with seed 7;
+    # 64 tokens (128 scored a little higher at twice the time)
     val = pd.read_parquet(imdb_dir / "train.parquet").sample(n=200, random_state=7)
     test = pd.read_parquet(imdb_dir / "test.parquet").sample(n=400, random_state=7)
     result = choose_and_score("embedded-minilm", val["text"].tolist(), val["label"].to_numpy(),
-                              test["text"].tolist(), max_length=128)
+                              test["text"].tolist(), max_length=64)
     y = test["label"].to_numpy()
     accuracy = float(((result.prob_positive >= 0.5) == y).mean())
     majority = max(y.mean(), 1 - y.mean())  # the best constant prediction on this test set
     print(f"zero-shot: chose {result.chosen}, validation {result.validation_accuracy}, "
           f"test {accuracy:.4f} vs majority {majority:.4f}")
-    # measured here: verdict chosen (validation 0.620 / 0.745 / 0.715), test 0.6875 vs 0.5075
+    # measured here: verdict chosen (validation 0.585 / 0.685 / 0.635), test 0.655 vs 0.5075;
+    # at 128 tokens: verdict (0.620 / 0.745 / 0.715), test 0.6875
     assert list(result.validation_accuracy) == list(EMBEDDING_ALTERNATIVES)
     assert result.validation_accuracy[result.chosen] == max(result.validation_accuracy.values())
     assert accuracy > majority + 0.1
