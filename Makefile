@@ -48,9 +48,9 @@ $(MLFLOW_DONE): scripts/mlflow_server.constraints.txt scripts/mlflow_server.sh
 # the suite; the tests of one shared run (the cluster, the real Airflow, the session's smoke run,
 # the dag.test run) stay in one worker, and those groups start first (tests/conftest.py).
 # `make test` runs three workers on the two cores: the cluster's and the real Airflow's groups
-# mostly wait on their own servers, and the third worker uses that time (7 min 38 s with two,
-# 6 min 59 s with three, here). test-fast never waits: two. TEST_WORKERS=N sets either;
-# TEST_WORKERS=0: one process.
+# mostly wait on their own servers, and the third worker uses that time (here: 7 min 38 s with
+# two, 6 min 59 s with three, on the same tree). test-fast never waits: two.
+# TEST_WORKERS=N sets either; TEST_WORKERS=0: one process.
 TEST_WORKERS ?=
 test: WORKERS := $(or $(TEST_WORKERS),3)
 test-fast: WORKERS := $(or $(TEST_WORKERS),2)
