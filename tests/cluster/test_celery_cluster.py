@@ -427,8 +427,7 @@ def _disk_filled(cluster: Cluster, run_id: str, ti: dict) -> str:
     try:
         def this_try_failed():
             # The other variants' writes fail too and remove their temporary files: take
-            # that space again at once, or the next checkpoint fits in it and training goes
-            # on (the CI failure: no write of this try failed in 300 s).
+            # that space again at once, or the next checkpoint fits in it and training goes on.
             _fill(Path(root))
             return [x for x in _quietly(cluster.api.tries, run_id, ti) or []
                     if x["try_number"] == ti["try_number"] and x["state"] in ("failed", "up_for_retry")]
